@@ -1,0 +1,360 @@
+"""Typed, strict parameters: params.yaml is parsed once into frozen dataclasses.
+
+Every stage calls :func:`load_params` before doing any work, so a typo, a wrong type or an
+out-of-range value fails at once with the dotted key's name (``ParamsError``), never after an
+hour of training. Field metadata carries the allowed range or choices; ``__post_init__`` checks
+cross-field rules. ``lambda`` is a Python keyword, so the top-level YAML key ``lambda`` maps to
+the attribute ``lambda_``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODEL_SIZES = ("tiny", "small", "base", "large", "huge")
+
+# Sources the download stage knows (see pipeline/sources.py for how each is obtained).
+PRETRAIN_SOURCES = (
+    "synthetic", "celeba", "ffhq", "vggface2", "casia_webface", "megaface",
+    "edface_celeb_1m", "umdfaces", "laion_face",
+)
+AU_DATASETS = ("synthetic", "bp4d", "bp4d_plus", "disfa")
+# Number of subject-exclusive parts per dataset (protocols.md); synthetic is a param.
+AU_DATASET_PARTS = {"bp4d": 3, "bp4d_plus": 4, "disfa": 3}
+
+
+class ParamsError(ValueError):
+    """A params file or value is wrong; the message names the key and what to do."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, choices: tuple | None = None, doc: str = "") -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
+            "doc": doc}
+
+
+def F(default: Any, lo=None, hi=None, *, lo_open=False, hi_open=False, choices=None, doc=""):
+    """A dataclass field with a default and a validated range or set of choices."""
+    meta = _range(lo, hi, lo_open=lo_open, hi_open=hi_open, choices=choices, doc=doc)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The built-in synthetic face data (pipeline/synthetic.py)."""
+    subjects: int = F(12, 3, 500, doc="number of synthetic subjects (AU dataset)")
+    tasks: int = F(4, 1, 8, doc="tasks per subject, named T1..Tn like BP4D")
+    frames_per_task: int = F(25, 2, 10000)
+    frame_size: int = F(128, 32, 1024, doc="side of the square AU frames in pixels")
+    pool_images: int = F(600, 10, 10_000_000, doc="in-the-wild pretraining pool size")
+    pool_broken: int = F(6, 0, 1000, doc="corrupt/odd files added to the pool")
+    seed: int = F(0, 0)
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    sources: list = F(["synthetic"], choices=PRETRAIN_SOURCES,
+                      doc="pretraining sources, see pipeline/sources.py")
+    au_datasets: list = F(["synthetic"], choices=AU_DATASETS)
+    retries: int = F(5, 0, 100)
+    timeout_s: float = F(60.0, 1, 3600)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def __post_init__(self):
+        _unique("download.sources", self.sources, nonempty=True)
+        _unique("download.au_datasets", self.au_datasets, nonempty=True)
+
+
+@dataclass(frozen=True)
+class ShardsParams:
+    image_size: int = F(224, 16, 4096, doc="every kept image is resized to this square size")
+    max_aspect_ratio: float = F(1.5, 1.0, 100.0, doc="drop when w/h or h/w is above this")
+    jpeg_quality: int = F(95, 1, 100)
+    samples_per_shard: int = F(2000, 1, 10_000_000)
+    workers: int = F(0, 0, 1024, doc="decode processes; 0 = all cores")
+    draft: bool = F(True, doc="JPEG DCT-domain downscaling while decoding (libjpeg draft)")
+
+
+@dataclass(frozen=True)
+class AuShardsParams:
+    image_size: int = F(224, 16, 4096)
+    jpeg_quality: int = F(95, 1, 100)
+    samples_per_shard: int = F(5000, 1, 10_000_000)
+    disfa_camera: str = F("right", choices=("left", "right"))
+    disfa_threshold: int = F(2, 1, 5, doc="DISFA AU is positive when intensity >= this")
+    synthetic_parts: int = F(3, 2, 100, doc="subject-exclusive parts of the synthetic set")
+    workers: int = F(0, 0, 1024)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    checkpoint: str = F("", doc="non-empty: skip pretraining and use this checkpoint file")
+    image_size: int = F(64, 16, 1024)
+    patch_size: int = F(8, 2, 64)
+    decoder_dim: int = F(128, 8, 4096)
+    decoder_depth: int = F(2, 1, 64)
+    decoder_heads: int = F(4, 1, 64)
+    mask_ratio: float = F(0.75, 0.0, 1.0, hi_open=True)
+    norm_pix_loss: bool = F(True)
+    epochs: int = F(8, 1, 10000)
+    warmup_epochs: int = F(1, 0, 10000)
+    steps_per_epoch: int = F(0, 0, doc="0 = shard samples / global batch")
+    batch_size: int = F(64, 1, 65536, doc="per-process batch")
+    accum_iter: int = F(1, 1, 1024)
+    blr: float = F(1.5e-4, 0.0, 1.0, lo_open=True)
+    min_lr: float = F(0.0, 0.0, 1.0)
+    weight_decay: float = F(0.05, 0.0, 1.0)
+    amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
+    num_workers: int = F(2, 0, 256)
+    save_every: int = F(1, 1, 10000, doc="resume checkpoint interval in epochs")
+    log_every: int = F(10, 1, 100000, doc="steps between MLflow loss points")
+    flip: bool = F(True)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ParamsError(f"pretrain.image_size ({self.image_size}) must be a multiple of "
+                              f"pretrain.patch_size ({self.patch_size})")
+        if self.decoder_dim % self.decoder_heads:
+            raise ParamsError("pretrain.decoder_dim must be divisible by pretrain.decoder_heads")
+        if self.warmup_epochs > self.epochs:
+            raise ParamsError("pretrain.warmup_epochs must not exceed pretrain.epochs")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation of the AU finetuning (timm transforms)."""
+    scale_min: float = F(0.08, 0.0, 1.0, lo_open=True)
+    hflip: float = F(0.5, 0.0, 1.0)
+    rand_augment: str = F("rand-m9-mstd0.5-inc1", doc="timm RandAugment spec, '' = off")
+    reprob: float = F(0.25, 0.0, 1.0, doc="RandomErasing probability")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    runs: list = F(["synthetic-1", "synthetic-2", "synthetic-3"],
+                   doc="<dataset>-<fold>; fold k tests on part k")
+    image_size: int = F(64, 16, 1024)
+    epochs: int = F(6, 1, 10000)
+    warmup_epochs: int = F(1, 0, 10000)
+    batch_size: int = F(32, 1, 65536)
+    blr: float = F(5e-4, 0.0, 1.0, lo_open=True)
+    min_lr: float = F(1e-6, 0.0, 1.0)
+    weight_decay: float = F(0.05, 0.0, 1.0)
+    layer_decay: float = F(0.65, 0.0, 1.0, lo_open=True)
+    drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
+    id_head_depth: int = F(1, 1, 3, doc="1 = linear ID head (paper), 2/3 = MLP (Table 7)")
+    unknown_labels: str = F("mask", choices=("mask", "negative"),
+                            doc="BP4D 9 = not coded: masked out, or counted as absent")
+    val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,
+                            doc="share of training subjects held out for honest selection")
+    save_backbone_epochs: list = F([0, 1, 2, 3, 4, 5, 6],
+                                   doc="epochs whose backbone the identity probe reads")
+    amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
+    num_workers: int = F(2, 0, 256)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    sweep_lambdas: list = F([], doc="Tables 5-6: extra IAT runs per lambda; [] = skip")
+    sweep_id_head_depths: list = F([], doc="Table 7: extra IAT runs per ID head depth")
+    sweep_runs: list = F([], doc="runs the sweeps use (default: the first of runs)")
+
+    def __post_init__(self):
+        _unique("finetune.runs", self.runs, nonempty=True)
+        for r in list(self.runs) + list(self.sweep_runs):
+            parse_run(r)
+        if self.warmup_epochs > self.epochs:
+            raise ParamsError("finetune.warmup_epochs must not exceed finetune.epochs")
+        for e in self.save_backbone_epochs:
+            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e <= self.epochs:
+                raise ParamsError(f"finetune.save_backbone_epochs: {e!r} is not an epoch "
+                                  f"between 0 and finetune.epochs ({self.epochs})")
+        for lam in self.sweep_lambdas:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+                raise ParamsError(f"finetune.sweep_lambdas: {lam!r} must be a number >= 0")
+        for d in self.sweep_id_head_depths:
+            if d not in (1, 2, 3) or isinstance(d, bool):
+                raise ParamsError(f"finetune.sweep_id_head_depths: {d!r} must be 1, 2 or 3")
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    frames_per_subject: int = F(100, 2, 100000)
+    train_fraction: float = F(0.7, 0.0, 1.0, lo_open=True, hi_open=True)
+    epochs: int = F(100, 1, 100000)
+    lr: float = F(1e-2, 0.0, 10.0, lo_open=True)
+    batch_size: int = F(256, 1, 65536)
+    tsne_subjects: int = F(20, 2, 1000)
+    num_workers: int = F(0, 0, 256)
+
+
+@dataclass(frozen=True)
+class TablesParams:
+    show_published: bool = F(True, doc="print the paper's rows beside ours")
+
+
+@dataclass(frozen=True)
+class Params:
+    lambda_: float = F(2.0, 0.0, 1000.0, doc="IAT strength: the reversed gradient's factor")
+    model_size: str = F("tiny", choices=MODEL_SIZES)
+    seed: int = F(0, 0)
+    download: DownloadParams = field(default_factory=DownloadParams)
+    shards: ShardsParams = field(default_factory=ShardsParams)
+    au_shards: AuShardsParams = field(default_factory=AuShardsParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    probe: ProbeParams = field(default_factory=ProbeParams)
+    tables: TablesParams = field(default_factory=TablesParams)
+
+    def __post_init__(self):
+        au = set(self.download.au_datasets)
+        for r in list(self.finetune.runs) + list(self.finetune.sweep_runs):
+            ds, fold = parse_run(r)
+            if ds not in au:
+                raise ParamsError(f"finetune.runs: run {r!r} uses dataset {ds!r}, which is not "
+                                  f"in download.au_datasets {sorted(au)}; add it there")
+            n = n_parts(ds, self)
+            if fold > n:
+                raise ParamsError(f"finetune.runs: run {r!r}: {ds} has {n} folds (1..{n})")
+
+
+# --------------------------------------------------------------------------- helpers
+_RUN_RE = re.compile(r"^(?P<ds>[a-z_0-9]+?)-(?P<fold>\d+)$")
+
+
+def parse_run(run: str) -> tuple[str, int]:
+    """``"bp4d-2"`` -> ``("bp4d", 2)``; unknown datasets or folds raise ParamsError."""
+    m = _RUN_RE.match(str(run))
+    if not m:
+        raise ParamsError(f"finetune.runs: {run!r} is not '<dataset>-<fold>', e.g. 'bp4d-1'")
+    ds, fold = m["ds"], int(m["fold"])
+    if ds not in AU_DATASETS:
+        raise ParamsError(f"finetune.runs: {run!r}: unknown dataset {ds!r}; "
+                          f"known: {', '.join(AU_DATASETS)}")
+    if fold < 1 or (ds in AU_DATASET_PARTS and fold > AU_DATASET_PARTS[ds]):
+        n = AU_DATASET_PARTS.get(ds)
+        raise ParamsError(f"finetune.runs: {run!r}: fold {fold} does not exist for {ds}"
+                          + (f" (folds 1..{n})" if n else ""))
+    return ds, fold
+
+
+def n_parts(dataset: str, params: "Params") -> int:
+    return AU_DATASET_PARTS.get(dataset, params.au_shards.synthetic_parts)
+
+
+def _unique(key: str, values: list, nonempty: bool = False) -> None:
+    if nonempty and not values:
+        raise ParamsError(f"{key} must not be empty")
+    if len(set(map(str, values))) != len(values):
+        raise ParamsError(f"{key} lists a value twice: {values}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_scalar(key: str, value: Any, tp, meta: dict) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true/false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        # YAML and `dvc exp run -S lambda=2` give ints for whole numbers: accept and cast.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+    elif tp is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None:
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if v not in choices:
+                raise ParamsError(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        raise ParamsError(f"{key}: {value!r} is out of range (must be "
+                          f"{'>' if meta.get('lo_open') else '>='} {lo})")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        raise ParamsError(f"{key}: {value!r} is out of range (must be "
+                          f"{'<' if meta.get('hi_open') else '<='} {hi})")
+    return value
+
+
+def build(cls, data: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    if data is None:
+        data = {}
+    where = prefix.rstrip(".") or "params"
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    yaml_name = {("lambda" if n == "lambda_" else n): n for n in fields}
+    unknown = sorted(set(data) - set(yaml_name))
+    if unknown:
+        raise ParamsError(f"unknown key {prefix}{unknown[0]!s}; known keys under {where}: "
+                          f"{', '.join(sorted(yaml_name))}")
+    kwargs = {}
+    for yname, value in data.items():
+        name = yaml_name[yname]
+        tp, key = hints[name], f"{prefix}{yname}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check_scalar(key, value, tp, dict(fields[name].metadata))
+    try:
+        return cls(**kwargs)
+    except ParamsError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ParamsError(f"{where}: {e}") from e
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ParamsError naming the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root, or "
+                          "copy configs/paper.yaml to params.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return build(Params, data)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def to_dict(obj) -> dict:
+    """Params (or a section) as a plain dict with YAML key names, for logging."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out["lambda" if f.name == "lambda_" else f.name] = (
+            to_dict(v) if dataclasses.is_dataclass(v) else v)
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
