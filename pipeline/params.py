@@ -163,7 +163,7 @@ class FinetuneParams:
     augment: AugmentParams = field(default_factory=AugmentParams)
     sweep_lambdas: list = F([], doc="Tables 5-6: extra IAT runs per lambda; [] = skip")
     sweep_id_head_depths: list = F([], doc="Table 7: extra IAT runs per ID head depth")
-    sweep_runs: list = F([], doc="runs the sweeps use (default: the first of runs)")
+    sweep_runs: list = F([], doc="runs the sweeps use, e.g. [bp4d-2]")
 
     def __post_init__(self):
         _unique("finetune.runs", self.runs, nonempty=True)
@@ -181,6 +181,9 @@ class FinetuneParams:
         for d in self.sweep_id_head_depths:
             if d not in (1, 2, 3) or isinstance(d, bool):
                 raise ParamsError(f"finetune.sweep_id_head_depths: {d!r} must be 1, 2 or 3")
+        if (self.sweep_lambdas or self.sweep_id_head_depths) and not self.sweep_runs:
+            raise ParamsError("finetune.sweep_runs is empty but a sweep is set: list the runs "
+                              "to sweep, e.g. sweep_runs: [bp4d-2]")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""params.yaml is strict: unknown keys, wrong types, out-of-range values fail with the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, load_params, parse_run, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_load_and_match_code_defaults():
+    p = load_params(ROOT / "params.yaml")
+    assert p.lambda_ == 2.0 and p.model_size == "tiny"
+    # the committed file spells out every default: nothing hidden in code that DVC cannot see
+    assert to_dict(p) == to_dict(Params())
+
+
+def test_paper_profile_is_the_paper_setting():
+    p = load_params(ROOT / "configs" / "paper.yaml")
+    assert p.model_size == "large"
+    assert p.pretrain.image_size == 224 and p.pretrain.patch_size == 16
+    assert (p.pretrain.decoder_dim, p.pretrain.decoder_depth, p.pretrain.decoder_heads) == (512, 8, 16)
+    assert p.pretrain.epochs == 50 and p.pretrain.warmup_epochs == 2
+    assert p.pretrain.batch_size * p.pretrain.accum_iter * 4 == 512  # 4 GPUs x 128
+    assert p.finetune.image_size == 224 and p.finetune.batch_size == 64
+    assert set(p.download.sources) == {"celeba", "ffhq", "vggface2", "casia_webface", "megaface",
+                                       "edface_celeb_1m", "umdfaces", "laion_face"}
+    assert set(p.download.au_datasets) == {"bp4d", "bp4d_plus", "disfa"}
+    assert len(p.finetune.runs) == 3 + 4 + 3
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d.update(lamda=1.0), "lamda"),
+    (lambda d: d["pretrain"].update(epoch=3), "pretrain.epoch"),
+    (lambda d: d["download"]["synthetic"].update(subject=3), "download.synthetic.subject"),
+])
+def test_unknown_key_is_named(tmp_path, mutate, key):
+    d = base()
+    mutate(d)
+    with pytest.raises(ParamsError, match=f"unknown key {key}"):
+        load_params(write(tmp_path, d))
+
+
+@pytest.mark.parametrize("section, key, value, msg", [
+    ("pretrain", "epochs", "ten", "pretrain.epochs: expected an integer"),
+    ("pretrain", "epochs", 2.5, "pretrain.epochs: expected an integer"),
+    ("pretrain", "mask_ratio", 1.0, "pretrain.mask_ratio: 1.0 is out of range"),
+    ("shards", "max_aspect_ratio", 0.9, "shards.max_aspect_ratio: 0.9 is out of range"),
+    ("shards", "draft", "yes", "shards.draft: expected true/false"),
+    ("finetune", "id_head_depth", 4, "finetune.id_head_depth: 4 is out of range"),
+    ("download", "sources", ["celeb_a"], "download.sources: 'celeb_a' is not one of"),
+    (None, "model_size", "gigantic", "model_size: 'gigantic' is not one of"),
+    (None, "lambda", -1, "lambda: -1.0 is out of range"),
+])
+def test_bad_values_are_named(tmp_path, section, key, value, msg):
+    d = base()
+    (d[section] if section else d)[key] = value
+    with pytest.raises(ParamsError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        load_params(write(tmp_path, d))
+
+
+def test_lambda_int_from_dvc_set_param_is_cast(tmp_path):
+    # `dvc exp run -S lambda=2` writes an int; it must be accepted as the float 2.0
+    d = base()
+    d["lambda"] = 2
+    p = load_params(write(tmp_path, d))
+    assert p.lambda_ == 2.0 and isinstance(p.lambda_, float)
+
+
+def test_cross_field_rules(tmp_path):
+    d = base()
+    d["pretrain"]["image_size"] = 60  # not a multiple of patch 8
+    with pytest.raises(ParamsError, match="multiple of pretrain.patch_size"):
+        load_params(write(tmp_path, d))
+    d = base()
+    d["finetune"]["runs"] = ["bp4d-1"]  # dataset not downloaded
+    with pytest.raises(ParamsError, match="not in download.au_datasets"):
+        load_params(write(tmp_path, d))
+    d = base()
+    d["finetune"]["runs"] = ["synthetic-4"]  # only 3 synthetic parts
+    with pytest.raises(ParamsError, match="synthetic has 3 folds"):
+        load_params(write(tmp_path, d))
+    d = base()
+    d["finetune"]["save_backbone_epochs"] = [0, 99]
+    with pytest.raises(ParamsError, match="save_backbone_epochs: 99"):
+        load_params(write(tmp_path, d))
+
+
+@pytest.mark.parametrize("run, msg", [
+    ("bp4d", "is not '<dataset>-<fold>'"),
+    ("affwild-1", "unknown dataset 'affwild'"),
+    ("bp4d-4", "fold 4 does not exist for bp4d"),
+    ("disfa-0", "fold 0 does not exist for disfa"),
+])
+def test_parse_run_errors(run, msg):
+    with pytest.raises(ParamsError, match=msg):
+        parse_run(run)
+
+
+def test_parse_run_ok():
+    assert parse_run("bp4d_plus-4") == ("bp4d_plus", 4)
+    assert parse_run("synthetic-2") == ("synthetic", 2)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("lambda: [1,\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_sweep_needs_runs(tmp_path):
+    d = base()
+    d["finetune"]["sweep_lambdas"] = [0.5, 1]
+    with pytest.raises(ParamsError, match="finetune.sweep_runs is empty"):
+        load_params(write(tmp_path, d))
+    d["finetune"]["sweep_runs"] = ["synthetic-1"]
+    assert load_params(write(tmp_path, d)).finetune.sweep_lambdas == [0.5, 1]
