@@ -115,6 +115,7 @@ class PretrainParams:
     weight_decay: float = F(0.05, 0.0, 1.0)
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
     num_workers: int = F(2, 0, 256)
+    nproc_per_node: int = F(1, 1, 1024, doc="processes (GPUs) torchrun starts on this machine")
     save_every: int = F(1, 1, 10000, doc="resume checkpoint interval in epochs")
     log_every: int = F(10, 1, 100000, doc="steps between MLflow loss points")
     flip: bool = F(True)
