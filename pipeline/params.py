@@ -56,7 +56,7 @@ class SyntheticParams:
     frames_per_task: int = F(25, 2, 10000)
     frame_size: int = F(128, 32, 1024, doc="side of the square AU frames in pixels")
     pool_images: int = F(600, 10, 10_000_000, doc="in-the-wild pretraining pool size")
-    pool_broken: int = F(6, 0, 1000, doc="corrupt/odd files added to the pool")
+    pool_broken: int = F(7, 0, 1000, doc="corrupt/odd files added to the pool")
     seed: int = F(0, 0)
 
 
