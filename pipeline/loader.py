@@ -1,0 +1,211 @@
+"""Shard reader for FMAE pretraining: WebDataset, resampled, equal steps on every DDP rank.
+
+Reads the ``data/shards/face-%06d.tar`` files written by :mod:`pipeline.shards` (contract in
+``docs/design.md``). The recipe follows ``/work/shared/reference/ecosystem.md`` (WebDataset 1.x):
+
+- shards are **resampled** (drawn with replacement, an infinite stream), and the stream is
+  split between ranks like ``split_by_node`` -- here with an explicit ``rank``/``world_size``
+  instead of reading them from the environment;
+- ``WebLoader(...).with_epoch(steps_per_epoch)`` cuts the infinite stream into epochs of
+  exactly ``steps_per_epoch`` batches on *every* rank, whatever the number of shards per rank,
+  so DDP never hangs at an epoch end waiting for a rank that ran out of data (splitting a
+  fixed shard list by rank gives uneven batch counts);
+- with a resampled stream every DataLoader worker reads from all shards, so more workers than
+  shards is fine (no "No samples found");
+- samples are shuffled inside each worker (a buffer over the encoded tar samples, before
+  decoding) and again across workers in the main process (the ``unbatched().shuffle(n)
+  .batched(b)`` recipe), then collated with ``torch.utils.data.default_collate``.
+
+Seeding: the shard draws and both shuffles derive from ``(seed, rank, worker, epoch)``, so the
+same seed gives the same batches in the same order (with any fixed ``num_workers``; workers
+deliver in order), and every epoch draws new shards and a new shuffle. Workers are persistent,
+so the per-worker epoch counters advance between epochs.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tarfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import webdataset as wds
+from torch.utils.data import default_collate, get_worker_info
+from webdataset.utils import make_seed
+
+from pipeline.io import read_json
+
+log = logging.getLogger(__name__)
+
+SHARD_RE = re.compile(r"^face-\d{6}\.tar$")  # same names as pipeline.shards writes
+# Samples a worker hands to the main process per message: amortises the IPC cost per sample.
+_WORKER_CHUNK = 16
+
+
+# --------------------------------------------------------------------------- shard folder
+def shard_urls(shard_dir: str | Path) -> list[str]:
+    """Sorted paths of the ``face-%06d.tar`` shards in ``shard_dir``.
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no shard.
+    """
+    d = Path(shard_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: shard folder not found; run the shards stage "
+                                f"(`dvc repro shards`)")
+    urls = sorted(str(p) for p in d.iterdir() if SHARD_RE.match(p.name) and p.is_file())
+    if not urls:
+        raise FileNotFoundError(f"{d}: no face-NNNNNN.tar shards; run the shards stage "
+                                f"(`dvc repro shards`)")
+    return urls
+
+
+def count_samples(shard_dir: str | Path) -> int:
+    """Number of samples in the shards: ``stats.json``'s ``total.kept`` if present, else the
+    number of ``.jpg`` members found by reading the tar headers (no image data is read)."""
+    d = Path(shard_dir)
+    stats_path = d / "stats.json"
+    if stats_path.is_file():
+        stats = read_json(stats_path)
+        try:
+            return int(stats["total"]["kept"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{stats_path}: no integer total.kept; delete it and re-run the "
+                             f"shards stage") from None
+    n = 0
+    for url in shard_urls(d):
+        with tarfile.open(url, mode="r:") as tar:
+            n += sum(1 for m in tar if m.isfile() and m.name.endswith(".jpg"))
+    return n
+
+
+# --------------------------------------------------------------------------- pipeline steps
+def _worker_id() -> int:
+    info = get_worker_info()
+    return 0 if info is None else info.id
+
+
+class _SplitByRank:
+    """``split_by_node`` with an explicit rank: rank r takes items r, r+W, r+2W, ...
+
+    Every rank draws the same resampled shard stream (its seed does not include the rank)
+    and keeps its own slice, so ranks read different shards at every step.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        return islice(src, self.rank, None, self.world_size)
+
+
+class _EpochShuffle:
+    """Buffer shuffle whose RNG is seeded from (seed, rank, worker, epoch, salt).
+
+    webdataset's ``shuffle(seed=...)`` re-seeds identically at every epoch; this one counts
+    its own calls (one per epoch in each process that runs it), so epochs differ but runs
+    with the same seed repeat exactly.
+    """
+
+    def __init__(self, bufsize: int, seed: int, rank: int, salt: int):
+        self.bufsize, self.seed, self.rank, self.salt = bufsize, seed, rank, salt
+        self.epoch = -1
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        self.epoch += 1
+        rng = random.Random(make_seed(self.seed, self.rank, _worker_id(), self.epoch,
+                                      self.salt))
+        return _buffer_shuffle(src, self.bufsize, rng)
+
+
+def _buffer_shuffle(src: Iterable[Any], bufsize: int, rng: random.Random,
+                    initial: int = 100) -> Iterator[Any]:
+    """Shuffle through a buffer of up to ``bufsize`` items.
+
+    Output starts once ``initial`` items are buffered; until the buffer is full it takes two
+    items per item it emits, so a large buffer does not delay the first batch.
+    """
+    if bufsize <= 1:
+        yield from src
+        return
+    initial = min(initial, bufsize)
+    it = iter(src)
+    buf: list[Any] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) < bufsize:
+            buf.extend(islice(it, 1))
+        if len(buf) < initial:
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _unlist(src: Iterable[list]) -> Iterator[Any]:
+    """Flatten the per-worker lists of samples back into single samples."""
+    for chunk in src:
+        yield from chunk
+
+
+# --------------------------------------------------------------------------- the loader
+def make_train_loader(urls: list[str], *, batch_size: int, steps_per_epoch: int,
+                      num_workers: int, map_sample: Callable[[dict], Any], seed: int,
+                      rank: int = 0, world_size: int = 1,
+                      shuffle_buffer: int = 1000) -> wds.WebLoader:
+    """An iterable of collated batches; every ``iter()`` is one epoch of ``steps_per_epoch``.
+
+    Args:
+        urls: shard paths (see :func:`shard_urls`).
+        batch_size: samples per batch on this rank.
+        steps_per_epoch: batches per epoch, identical on every rank (``len(loader)``).
+        num_workers: DataLoader worker processes (0 = read in this process).
+        map_sample: called with the decoded sample dict ``{"__key__": str, "jpg": PIL RGB
+            image, "json": dict, ...}``; returns what is batched (tensor, tuple, dict, ...).
+            Runs in the workers: it must be picklable if the start method is not fork.
+        seed: base seed of the shard draws and shuffles.
+        rank, world_size: this process's place in DDP.
+        shuffle_buffer: encoded samples held by each worker's shuffle buffer (<= 1: no
+            shuffle); the main process's cross-worker buffer holds at most this many and at
+            most max(2 batches, 2 chunks per worker) mapped samples.
+    """
+    urls = [str(u) for u in urls]
+    if not urls:
+        raise ValueError("make_train_loader: no shard urls; run the shards stage first")
+    checks = (("batch_size", batch_size, 1), ("steps_per_epoch", steps_per_epoch, 1),
+              ("num_workers", num_workers, 0), ("world_size", world_size, 1))
+    for name, value, lo in checks:
+        if value < lo:
+            raise ValueError(f"make_train_loader: {name}={value} must be >= {lo}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"make_train_loader: rank={rank} not in [0, world_size={world_size})")
+
+    dataset = wds.DataPipeline(
+        # Infinite stream of shard urls; deterministic=True seeds from (worker, epoch, seed)
+        # instead of pid and time.
+        wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=_worker_id),
+        _SplitByRank(rank, world_size),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        _EpochShuffle(shuffle_buffer, seed, rank, salt=1),
+        wds.decode("pil", handler=wds.reraise_exception),
+        wds.map(map_sample, handler=wds.reraise_exception),
+        wds.batched(_WORKER_CHUNK, collation_fn=list, partial=True),
+    )
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                           persistent_workers=num_workers > 0)
+    # The in-worker buffer holds encoded bytes (small); this one holds mapped samples (e.g.
+    # float tensors, 600 kB each at 224 px), and only has to interleave the workers' chunks.
+    main_buffer = min(shuffle_buffer, max(2 * batch_size, 2 * num_workers * _WORKER_CHUNK))
+    loader = loader.compose(
+        _unlist,
+        _EpochShuffle(main_buffer, seed, rank, salt=2),  # mixes samples across workers
+        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+    )
+    log.info("train loader: %d shard(s), rank %d/%d, batch %d, %d steps/epoch, %d worker(s)",
+             len(urls), rank, world_size, batch_size, steps_per_epoch, num_workers)
+    return loader.with_epoch(steps_per_epoch).with_length(steps_per_epoch, silent=True)
+

@@ -1,0 +1,167 @@
+"""Tests of pipeline/loader.py: shard listing and counting, seeded batch order, exactly
+steps_per_epoch batches per epoch on every rank (also in a real 2-process gloo run)."""
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp_mp
+from PIL import Image
+
+from pipeline.loader import count_samples, make_train_loader, shard_urls
+from pipeline.params import ShardsParams
+from pipeline.shards import build_shards
+
+
+class _Item:
+    def __init__(self, i: int):
+        self.source, self.key, self.identity, self.i = "syn", f"img{i}", f"s{i % 2}", i
+
+
+def _read(item: _Item) -> bytes:
+    # Image i is a flat grey of value 10*i, so a sample's index can be read from its pixels.
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (10 * item.i,) * 3).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """13 samples in 3 uneven shards (5, 5, 3)."""
+    out = tmp_path_factory.mktemp("shards")
+    build_shards([_Item(i) for i in range(13)], _read, out,
+                 ShardsParams(image_size=16, samples_per_shard=5, workers=1), progress=False)
+    return out
+
+
+def index_of(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """map_sample: (sample index from the key, mean pixel) -- checks decoding too."""
+    idx = int(sample["__key__"].rsplit("-", 1)[1])
+    assert sample["json"]["key"] == f"img{idx}"
+    pixels = torch.from_numpy(np.array(sample["jpg"], dtype=np.float32))  # (16, 16, 3)
+    return torch.tensor(idx), pixels.mean()
+
+
+def epochs(loader, n: int) -> list[list[list[int]]]:
+    return [[batch[0].tolist() for batch in loader] for _ in range(n)]
+
+
+def test_shard_urls_and_count(shards, tmp_path):
+    urls = shard_urls(shards)
+    assert [Path(u).name for u in urls] == ["face-000000.tar", "face-000001.tar",
+                                           "face-000002.tar"]
+    assert count_samples(shards) == 13
+    # without stats.json the count comes from the tar headers
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for u in urls:
+        (copy / Path(u).name).write_bytes(Path(u).read_bytes())
+    assert count_samples(copy) == 13
+    with pytest.raises(FileNotFoundError, match="shards stage"):
+        shard_urls(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no face-NNNNNN.tar"):
+        shard_urls(tmp_path)
+
+
+def test_batches_decoded_and_collated(shards):
+    loader = make_train_loader(shard_urls(shards), batch_size=4, steps_per_epoch=3,
+                               num_workers=0, map_sample=index_of, seed=0)
+    assert len(loader) == 3
+    batches = list(loader)
+    assert len(batches) == 3
+    for idx, mean in batches:
+        assert idx.shape == mean.shape == (4,)
+        assert torch.all((idx >= 0) & (idx < 13))
+        # flat grey 10*i survives resize + JPEG within a few levels
+        assert torch.allclose(mean, 10.0 * idx.float(), atol=3)
+
+
+def test_same_seed_same_order_other_seed_differs(shards):
+    def run(seed: int, rank: int = 0) -> list:
+        loader = make_train_loader(shard_urls(shards), batch_size=4, steps_per_epoch=5,
+                                   num_workers=0, map_sample=index_of, seed=seed,
+                                   rank=rank, world_size=2, shuffle_buffer=8)
+        return epochs(loader, 2)
+
+    a, b = run(7), run(7)
+    assert a == b
+    assert a[0] != a[1]  # each epoch draws new shards and a new shuffle
+    assert run(8) != a
+    assert run(7, rank=1) != a
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_steps_more_workers_than_shards(shards, num_workers):
+    one_shard = shard_urls(shards)[2:]  # 3 samples, fewer than workers x batch
+    loader = make_train_loader(one_shard, batch_size=5, steps_per_epoch=4,
+                               num_workers=num_workers, map_sample=index_of, seed=0)
+    got = epochs(loader, 2)
+    assert [len(e) for e in got] == [4, 4]
+    assert all(len(b) == 5 and set(b) <= {10, 11, 12} for e in got for b in e)
+
+
+def test_simulated_ranks_equal_steps(shards):
+    urls = shard_urls(shards)  # 3 shards over 2 ranks: a plain split would give 2 vs 1
+    seen = []
+    for rank in (0, 1):
+        loader = make_train_loader(urls, batch_size=3, steps_per_epoch=6, num_workers=0,
+                                   map_sample=index_of, seed=0, rank=rank, world_size=2)
+        got = epochs(loader, 2)
+        assert [len(e) for e in got] == [6, 6]
+        seen.append(got)
+    assert seen[0] != seen[1]
+
+
+def test_bad_arguments(shards):
+    urls = shard_urls(shards)
+    with pytest.raises(ValueError, match="rank=2"):
+        make_train_loader(urls, batch_size=1, steps_per_epoch=1, num_workers=0,
+                          map_sample=index_of, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        make_train_loader(urls, batch_size=1, steps_per_epoch=0, num_workers=0,
+                          map_sample=index_of, seed=0)
+    with pytest.raises(ValueError, match="no shard urls"):
+        make_train_loader([], batch_size=1, steps_per_epoch=1, num_workers=0,
+                          map_sample=index_of, seed=0)
+
+
+def _ddp_worker(rank: int, world_size: int, urls: list[str], store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        # Rank 0 reads with a worker process, rank 1 in-process: still the same step count.
+        loader = make_train_loader(urls, batch_size=2, steps_per_epoch=5,
+                                   num_workers=1 if rank == 0 else 0, map_sample=index_of,
+                                   seed=3, rank=dist.get_rank(), world_size=dist.get_world_size())
+        steps = 0
+        for _ in range(2):
+            for idx, _mean in loader:
+                # a collective per step, like DDP's gradient all-reduce: a rank with fewer
+                # steps would leave the other waiting here until the timeout
+                t = torch.ones(1)
+                dist.all_reduce(t)
+                assert t.item() == world_size
+                steps += 1
+        lo, hi = torch.tensor([steps]), torch.tensor([steps])
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(
+            {"steps": steps, "min": lo.item(), "max": hi.item()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes_equal_steps(shards, tmp_path):
+    urls = shard_urls(shards)  # 3 shards, uneven over 2 ranks
+    tmp_mp.start_processes(_ddp_worker, args=(2, urls, str(tmp_path / "store"), str(tmp_path)),
+                           nprocs=2, join=True, start_method="fork")
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in res] == [10, 10]
+    assert all(r["min"] == r["max"] == 10 for r in res)

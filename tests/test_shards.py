@@ -1,0 +1,309 @@
+"""Tests of pipeline/shards.py: aspect filter, bad inputs, mode conversion, EXIF, determinism,
+atomicity and stats of the Face9M-style pretraining shards."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.params import ShardsParams
+from pipeline.shards import (SHARD_RE, aspect_ok, build_shards, process_image, sample_key,
+                             to_rgb)
+
+
+# Same fields as pipeline.sources.Item; defined here so these tests do not depend on it.
+@dataclass(frozen=True)
+class Item:
+    source: str
+    key: str
+    container: str
+    member: str | None
+    identity: str | None
+
+
+def read_file(item: Item) -> bytes:
+    return Path(item.container).read_bytes()
+
+
+def read_or_die(item: Item) -> bytes:
+    """Reader that simulates a crash (a killed run) at item 'boom' while a KILL file exists."""
+    if item.key == "boom" and (Path(item.container).parent / "KILL").exists():
+        raise RuntimeError("simulated crash while reading")
+    return read_file(item)
+
+
+def cfg(**kw) -> ShardsParams:
+    base = dict(image_size=32, samples_per_shard=4, workers=1, jpeg_quality=90)
+    base.update(kw)
+    return ShardsParams(**base)
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def smooth(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth colour gradient with a seed-dependent tint (realistic, compressible)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    a, b, c = rng.uniform(0, 1, 3)
+    arr = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1),
+                    127 + 100 * np.sin((x * a + y * b) / 9 + c)], -1)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def halves(w: int, h: int, left, right, mode: str = "RGB") -> Image.Image:
+    img = Image.new(mode, (w, h), left)
+    img.paste(Image.new(mode, (w - w // 2, h), right), (w // 2, 0))
+    return img
+
+
+def decode(jpg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")).astype(int)
+
+
+def write_items(tmp: Path, specs: list[tuple[str, str, bytes]]) -> list[Item]:
+    """specs: (source, key, file bytes) -> Items whose container is the written file."""
+    items = []
+    for i, (source, key, data) in enumerate(specs):
+        p = tmp / "files" / f"{i:04d}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        items.append(Item(source, key, str(p), None, f"id{i % 3}"))
+    return items
+
+
+def dir_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def read_shard(path: Path) -> list[tuple[str, bytes, dict]]:
+    """(key, jpg, json) per sample, also checking the fixed tar header fields."""
+    out, pending = [], {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+            key, ext = m.name.split(".", 1)  # exactly one dot: the extension separator
+            pending.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for key, d in pending.items():
+        assert set(d) == {"jpg", "json"}
+        out.append((key, d["jpg"], json.loads(d["json"])))
+    return out
+
+
+# --------------------------------------------------------------------------- aspect ratio
+@pytest.mark.parametrize("w,h,kept", [
+    (300, 200, True), (200, 300, True),      # exactly 1.5 is kept, both orientations
+    (301, 200, False), (200, 301, False),    # 1.5 + eps dropped
+    (3000, 2000, True), (3001, 2000, False),
+    # 1200x799 (1.5019) is drafted to 150x100 (exactly 1.5) at image_size 32: the test must
+    # use the original size, or this image would be kept.
+    (1200, 799, False),
+])
+def test_aspect_boundary(w, h, kept):
+    res = process_image(encode(smooth(w, h)), cfg(draft=True))
+    assert res.status == ("kept" if kept else "dropped_aspect")
+    assert (res.width, res.height) == (w, h)
+
+
+def test_aspect_exact_rational_no_float_error():
+    # 1.15 * 20 = 22.999999999999996 in floats; 23/20 is exactly 1.15 and must be kept.
+    assert aspect_ok(23, 20, 1.15) and aspect_ok(20, 23, 1.15)
+    assert not aspect_ok(24, 20, 1.15)
+    assert aspect_ok(10, 10, 1.0) and not aspect_ok(11, 10, 1.0)
+
+
+@pytest.mark.parametrize("stored,kept", [((200, 300), True), ((200, 301), False)])
+def test_aspect_on_exif_rotated_image(stored, kept):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    res = process_image(encode(smooth(*stored), exif=exif), cfg())
+    assert res.status == ("kept" if kept else "dropped_aspect")
+    # width/height are reported on the oriented image: the axes are swapped
+    assert (res.width, res.height) == (stored[1], stored[0])
+
+
+# --------------------------------------------------------------------------- conversions
+def test_exif_rotation_applied_to_pixels():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # stored: left half red, right half blue; displayed (90 deg CW): top red, bottom blue
+    res = process_image(encode(halves(60, 40, (255, 0, 0), (0, 0, 255)), exif=exif), cfg())
+    assert res.status == "kept" and (res.width, res.height) == (40, 60)
+    px = decode(res.jpeg)
+    assert px.shape == (32, 32, 3)
+    assert np.abs(px[4, 16] - [255, 0, 0]).max() < 30
+    assert np.abs(px[27, 16] - [0, 0, 255]).max() < 30
+
+
+def test_cmyk_jpeg_converted():
+    img = halves(40, 40, (0, 255, 255, 0), (0, 0, 0, 255), mode="CMYK")  # red | black
+    res = process_image(encode(img), cfg())
+    px = decode(res.jpeg)
+    assert np.abs(px[16, 4] - [255, 0, 0]).max() < 30
+    assert px[16, 28].max() < 30
+
+
+def test_grayscale_and_la_converted():
+    res = process_image(encode(Image.new("L", (40, 40), 100), "PNG"), cfg())
+    assert np.abs(decode(res.jpeg) - 100).max() <= 3
+    la = halves(40, 40, (50, 255), (50, 0), mode="LA")  # right half fully transparent
+    px = decode(process_image(encode(la, "PNG"), cfg()).jpeg)
+    assert np.abs(px[16, 4] - 50).max() <= 5
+    assert px[16, 28].min() >= 250  # transparent -> white, not the hidden grey
+
+
+def test_sixteen_bit_scaled_not_clipped():
+    a = np.full((40, 40), 65535, np.uint16)
+    a[:, 20:] = 257 * 40  # 40 in 8 bits; clipping at 255 would make it white
+    img = Image.fromarray(a)
+    assert img.mode == "I;16"
+    px = decode(process_image(encode(img, "PNG"), cfg()).jpeg)
+    assert px[16, 4].min() >= 250
+    assert np.abs(px[16, 28] - 40).max() <= 4
+    # 32-bit "I" (how Pillow opens some 16-bit files) uses the same 16-bit scale
+    rgb = to_rgb(Image.fromarray(np.full((4, 4), 25700, np.int32), "I"))
+    assert rgb.mode == "RGB" and np.asarray(rgb)[0, 0].tolist() == [100, 100, 100]
+
+
+def test_palette_converted_with_transparency():
+    p = halves(40, 40, (0, 200, 0), (0, 0, 0)).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                        colors=4)
+    black = p.getpixel((39, 0))
+    px = decode(process_image(encode(p, "PNG"), cfg()).jpeg)
+    assert np.abs(px[16, 4] - [0, 200, 0]).max() < 30 and px[16, 28].max() < 30
+    px = decode(process_image(encode(p, "PNG", transparency=black), cfg()).jpeg)
+    assert px[16, 28].min() >= 250  # the transparent index becomes white
+
+
+def test_rgba_composited_over_white():
+    img = halves(40, 40, (255, 0, 0, 255), (0, 0, 0, 0), mode="RGBA")
+    px = decode(process_image(encode(img, "PNG"), cfg()).jpeg)
+    assert np.abs(px[16, 4] - [255, 0, 0]).max() < 30
+    assert px[16, 28].min() >= 250
+
+
+def test_draft_keeps_quality():
+    data = encode(smooth(1000, 1000, seed=3), quality=95)
+    fast = decode(process_image(data, cfg(image_size=100, draft=True)).jpeg)
+    full = decode(process_image(data, cfg(image_size=100, draft=False)).jpeg)
+    assert fast.shape == full.shape == (100, 100, 3)
+    mse = ((fast - full) ** 2).mean()
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-9)) > 35
+
+
+# --------------------------------------------------------------------------- the stage
+def bad_inputs() -> list[tuple[str, bytes]]:
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), np.uint8))
+    whole = encode(noisy, quality=90)
+    return [("corrupt", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4),
+            ("truncated", whole[: len(whole) // 2]),
+            ("truncated_png", encode(noisy, "PNG")[:3000]),
+            ("nonimage", b"this is a text file, not an image\n"),
+            ("zerobyte", b"")]
+
+
+def test_bad_inputs_skipped_and_counted(tmp_path, caplog):
+    specs = [("good", f"g{i}", encode(smooth(40, 30, i))) for i in range(3)]
+    specs += [("bad", key, data) for key, data in bad_inputs()]
+    specs += [("good", "wide", encode(smooth(80, 30)))]
+    with caplog.at_level(logging.WARNING, logger="pipeline.shards"):
+        stats = build_shards(write_items(tmp_path, specs), read_file, tmp_path / "out", cfg(),
+                             progress=False)
+    assert stats["sources"] == {
+        "bad": {"seen": 5, "kept": 0, "dropped_aspect": 0, "failed": 5},
+        "good": {"seen": 4, "kept": 3, "dropped_aspect": 1, "failed": 0}}
+    assert stats["total"] == {"seen": 9, "kept": 3, "dropped_aspect": 1, "failed": 5}
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+    for key, _ in bad_inputs():  # each failure is logged with its key
+        assert f"bad/{key}" in caplog.text
+    samples = read_shard(tmp_path / "out" / "face-000000.tar")
+    assert [k for k, _, _ in samples] == ["good-000000000", "good-000000001", "good-000000002"]
+
+
+def test_shard_layout_keys_and_metadata(tmp_path):
+    specs = [("src_a", f"a/{i}.jpg", encode(smooth(40, 30, i))) for i in range(6)]
+    specs[2] = ("src_a", "a/2.jpg", b"broken")
+    specs += [("src.b", f"b/{i}.png", encode(smooth(30, 40, i), "PNG")) for i in range(3)]
+    out = tmp_path / "out"
+    build_shards(write_items(tmp_path, specs), read_file, out, cfg(samples_per_shard=3),
+                 progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["face-000000.tar", "face-000001.tar", "face-000002.tar", "stats.json"]
+    samples = [s for n in names[:3] for s in read_shard(out / n)]
+    # index = position within the source, so the broken a/2 leaves a gap; dots replaced
+    assert [k for k, _, _ in samples] == [
+        "src_a-000000000", "src_a-000000001", "src_a-000000003", "src_a-000000004",
+        "src_a-000000005", "src_b-000000000", "src_b-000000001", "src_b-000000002"]
+    assert samples[5][2] == {"source": "src.b", "key": "b/0.png", "width": 30, "height": 40,
+                             "identity": "id0"}
+    assert all(Image.open(io.BytesIO(j)).size == (32, 32) for _, j, _ in samples)
+    assert sample_key("a.b/c", 7) == "a_b_c-000000007"
+
+
+def many_specs(n: int = 14) -> list[tuple[str, str, bytes]]:
+    specs = [("alpha", f"k{i:02d}", encode(smooth(48 + i, 40, i))) for i in range(n)]
+    specs[5] = ("alpha", "k05", b"not an image")
+    specs[9] = ("alpha", "boom", specs[9][2])
+    specs += [("beta", f"k{i}", encode(smooth(40, 44, 100 + i), "PNG")) for i in range(5)]
+    return specs
+
+
+def test_byte_identical_across_runs_and_worker_counts(tmp_path):
+    items = write_items(tmp_path, many_specs())
+    outs = []
+    for name, workers in (("w1a", 1), ("w1b", 1), ("w2", 2)):
+        build_shards(items, read_file, tmp_path / name, cfg(samples_per_shard=5, workers=workers),
+                     progress=False)
+        outs.append(dir_bytes(tmp_path / name))
+    assert len([n for n in outs[0] if SHARD_RE.match(n)]) == 4  # 17 kept / 5 per shard
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_run_leaves_no_half_shard_and_rerun_matches(tmp_path, workers):
+    items = write_items(tmp_path, many_specs())
+    c = cfg(samples_per_shard=3, workers=workers)
+    build_shards(items, read_file, tmp_path / "clean", c, progress=False)
+    clean = dir_bytes(tmp_path / "clean")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # debris of an earlier, larger run: a stale shard, old stats, a half-written temp shard
+    (out / "face-000042.tar").write_bytes(b"stale")
+    (out / "stats.json").write_text("{}")
+    (out / ".tmp-face-000001.tar.abc123").write_bytes(b"half")
+    (out / "notes.txt").write_text("not ours")
+    (tmp_path / "files" / "KILL").touch()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_shards(items, read_or_die, out, c, progress=False)
+    left = sorted(p.name for p in out.iterdir())
+    assert not any(n.startswith(".tmp") for n in left)  # no half shard
+    assert "stats.json" not in left  # an interrupted run does not look complete
+    shards = [n for n in left if SHARD_RE.match(n)]
+    assert shards == [f"face-{i:06d}.tar" for i in range(len(shards))]
+    for n in shards:  # the shards that exist are complete and equal to the clean run's
+        assert (out / n).read_bytes() == clean[n]
+        assert len(read_shard(out / n)) == 3
+
+    (tmp_path / "files" / "KILL").unlink()
+    build_shards(items, read_or_die, out, c, progress=False)
+    after = dir_bytes(out)
+    assert after.pop("notes.txt") == b"not ours"
+    assert after == clean
+
+
+def test_nothing_kept_raises_without_stats(tmp_path):
+    items = write_items(tmp_path, [("x", "a", b""), ("x", "b", encode(smooth(90, 20)))])
+    with pytest.raises(RuntimeError, match="no image was kept"):
+        build_shards(items, read_file, tmp_path / "out", cfg(), progress=False)
+    assert not (tmp_path / "out" / "stats.json").exists()
