@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger("pipeline")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -36,6 +38,8 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes 0600 files: give outputs the usual umask mode
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

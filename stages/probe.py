@@ -1,0 +1,40 @@
+"""Stage `probe`: identity linear probing of the AU backbones (paper section 5.1, Figs 3-4).
+
+    python stages/probe.py --params params.yaml --finetune data/finetune \
+        --au-shards data/au_shards --out data/probe
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
+
+from pipeline.io import setup_logging, write_run_info  # noqa: E402
+from pipeline.params import load_params, to_dict  # noqa: E402
+from pipeline.probe import probe_all  # noqa: E402
+from pipeline.tracking import start_run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", type=Path)
+    ap.add_argument("--finetune", default=Path("data/finetune"), type=Path,
+                    help="finetune outputs (<variant>/<dataset>-<fold>/backbones)")
+    ap.add_argument("--au-shards", default=Path("data/au_shards"), type=Path,
+                    help="AU shards root (<dataset>/index.parquet and tars)")
+    ap.add_argument("--out", default=Path("data/probe"), type=Path)
+    args = ap.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    logged = {"probe": to_dict(params.probe), "seed": params.seed,
+              "finetune": {"runs": params.finetune.runs}}
+    write_run_info(args.out, logged)
+    with start_run("probe", logged) as tracker:
+        probe_all(args.finetune, args.au_shards, args.out, params.probe,
+                  list(params.finetune.runs), params.seed, tracker)
+
+
+if __name__ == "__main__":
+    main()

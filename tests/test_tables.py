@@ -1,0 +1,249 @@
+"""Tables stage: fold means, gains, both protocols, file formats, published rows, report.
+
+Run folders are hand-made in the docs/design.md finetune format (metrics.json, history.csv,
+predictions.parquet). The final-epoch F1 in each metrics.json is computed from the fixture's
+predictions with scikit-learn, so the stage's cross-check has real numbers to agree with.
+"""
+import csv
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+from pipeline.params import Params, build
+from pipeline.published import AU_TABLES, BP4D_AUS
+from pipeline.report import Table, to_csv, to_latex, to_markdown
+from pipeline.tables import PROTO_FINAL, PROTO_PAPER, build_tables
+from pipeline.tracking import Tracker
+
+SYN_AUS = [1, 2, 4, 6]
+EPOCHS = 3
+PAPER_BONUS = {"fmae": 2.0, "iat": 4.5}  # paper-protocol F1 = final F1 + this, per AU
+
+
+def make_run(d, dataset, fold, variant, aus, seed, lam=2.0, depth=1):
+    """A finetune run folder; returns its metrics dict."""
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True)
+    n = 50
+    pred_rows = []
+    for e in range(1, EPOCHS + 1):
+        for i in range(n):
+            row = {"epoch": e, "key": f"k{i}", "subject": f"S{i % 5}"}
+            for a in aus:
+                row[f"prob_AU{a}"] = float(rng.random())
+                row[f"label_AU{a}"] = int(rng.choice([-1, 0, 1, 1]))
+            pred_rows.append(row)
+    pred = pd.DataFrame(pred_rows)
+    pred.to_parquet(d / "predictions.parquet")
+    last = pred[pred["epoch"] == EPOCHS]
+    f1 = {}
+    for a in aus:
+        keep = last[f"label_AU{a}"] >= 0
+        f1[f"AU{a}"] = 100 * f1_score(last.loc[keep, f"label_AU{a}"],
+                                      last.loc[keep, f"prob_AU{a}"] >= 0.5)
+    paper = {k: v + PAPER_BONUS[variant] for k, v in f1.items()}
+    metrics = {
+        "dataset": dataset, "fold": fold, "variant": variant,
+        "lambda": lam if variant == "iat" else 0.0,
+        "id_head_depth": depth if variant == "iat" else None, "aus": aus,
+        "final": {"f1_mean": float(np.mean(list(f1.values()))), "auc_mean": 70.0, "f1": f1,
+                  "auc": {k: 70.0 for k in f1}, "epoch": EPOCHS},
+        "paper_protocol": {"f1_mean": float(np.mean(list(paper.values()))), "f1": paper,
+                           "threshold": 0.4, "epoch": 2},
+        "val_selected": None, "final_id_loss": 2.5 + seed % 3, "convergence_epoch": 2,
+        "model_size": "tiny",
+    }
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    pd.DataFrame({"epoch": list(range(1, EPOCHS + 1)), "lr": 1e-4, "au_loss": 0.5,
+                  "id_loss": 2.0, "id_acc": 0.3, "f1_mean": [40.0, 45.0, 47.0],
+                  "auc_mean": 70.0, "best_threshold": 0.4,
+                  "best_threshold_f1_mean": [44.0, 48.0, 49.0]}).to_csv(d / "history.csv",
+                                                                        index=False)
+    return metrics
+
+
+def make_params(**finetune) -> Params:
+    return build(Params, {"download": {"au_datasets": ["synthetic", "bp4d"]},
+                          "finetune": {"runs": ["synthetic-1", "synthetic-2", "bp4d-1",
+                                                "bp4d-2"], **finetune}})
+
+
+def make_finetune(root):
+    written = {}
+    for v_i, variant in enumerate(("fmae", "iat")):
+        for run, aus in (("synthetic-1", SYN_AUS), ("synthetic-2", SYN_AUS),
+                         ("bp4d-1", list(BP4D_AUS)), ("bp4d-2", list(BP4D_AUS))):
+            ds, fold = run.split("-")
+            written[(variant, run)] = make_run(root / variant / run, ds, int(fold), variant,
+                                               aus, seed=10 * v_i + int(fold) + len(aus))
+    return written
+
+
+def make_probe(root):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for variant, accs in (("fmae", {"0": 30.0, "1": 60.0, "3": 80.0}),
+                          ("iat", {"0": 30.0, "1": 10.0, "3": 20.0})):
+        (root / variant).mkdir(parents=True)
+        for run in ("synthetic-1", "synthetic-2"):
+            (root / variant / f"{run}.json").write_text(json.dumps(
+                {"epochs": accs, "chance": 20.0, "n_subjects": 5, "n_train": 35, "n_test": 15}))
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(root / "identity_vs_epoch.png")
+    plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    written = make_finetune(root / "finetune")
+    make_probe(root / "probe")
+    out = root / "tables"
+    metrics = build_tables(root / "finetune", root / "probe", out, make_params(),
+                           Tracker(active=False))
+    return {"root": root, "out": out, "metrics": metrics, "written": written}
+
+
+def _expected_mean(written, variant, ds, key):
+    runs = [m for (v, r), m in written.items() if v == variant and r.startswith(ds + "-")]
+    aus = runs[0]["aus"]
+    return np.mean([np.mean([m[key]["f1"][f"AU{a}"] for m in runs]) for a in aus])
+
+
+def test_fold_means_and_gain(built):
+    m, w = built["metrics"], built["written"]
+    for ds in ("synthetic", "bp4d"):
+        for key in ("final", "paper_protocol"):
+            fm, it = (_expected_mean(w, v, ds, key) for v in ("fmae", "iat"))
+            # metrics.json keeps 4 decimals
+            assert m["f1"][ds]["fmae"][key] == pytest.approx(fm, abs=1e-3)
+            assert m["f1"][ds]["iat"][key] == pytest.approx(it, abs=1e-3)
+            assert m["f1"][ds]["gain"][key] == pytest.approx(it - fm, abs=1e-3)
+        assert m["f1"][ds]["folds"] == 2
+    on_disk = json.loads((built["out"] / "metrics.json").read_text())
+    assert on_disk["f1"]["synthetic"]["gain"]["paper_protocol"] == pytest.approx(
+        m["f1"]["synthetic"]["gain"]["paper_protocol"])
+    assert on_disk["probe"]["synthetic"] == {"chance": 20.0, "fmae": 80.0, "iat": 20.0}
+
+
+def test_both_protocols_labelled_and_published_only_for_real_datasets(built):
+    out = built["out"]
+    syn = (out / "table1_synthetic.md").read_text()
+    bp4d = (out / "table1_bp4d.md").read_text()
+    for text in (syn, bp4d):
+        assert PROTO_FINAL in text and PROTO_PAPER in text
+    assert not [r for r in _md_rows(syn) if "published" in " ".join(r)]
+    assert len([r for r in _md_rows(bp4d) if r[1] == "published (paper protocol)"]) == 4
+    pub_fmae = next(r for r in AU_TABLES["bp4d"]["rows"] if r.method == "FMAE-IAT")
+    line = next(l for l in bp4d.splitlines() if l.startswith("| FMAE-IAT (published)"))
+    assert f"| {pub_fmae.avg:.1f} |" in line and f"| {pub_fmae.f1[1]:.1f} |" in line
+    # Published rows sit beside ours in the same columns (AU1..AU24, Avg.).
+    header = bp4d.splitlines()[2]
+    assert header.count("| AU") == len(BP4D_AUS)
+
+
+def _md_rows(text):
+    rows = [l for l in text.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows[2:]]
+
+
+def test_markdown_csv_and_latex_agree(built):
+    out = built["out"]
+    for name in ("table1_synthetic", "table1_bp4d", "ablation_lambda", "identity_probe"):
+        md = _md_rows((out / f"{name}.md").read_text())
+        with open(out / f"{name}.csv", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        tex = (out / f"{name}.tex").read_text()
+        assert len(md) == len(rows) > 0
+        for m_row, c_row in zip(md, rows):
+            assert len(m_row) == len(c_row)
+            for m_cell, c_cell in zip(m_row, c_row):
+                if c_cell == "":
+                    assert m_cell == "–"
+                    continue
+                try:
+                    assert float(m_cell) == pytest.approx(float(c_cell), abs=0.051)
+                    assert m_cell in tex
+                except ValueError:
+                    assert m_cell == c_cell
+    # The overall mean in the synthetic table equals the headline metric, in all formats.
+    fm = built["metrics"]["f1"]["synthetic"]["fmae"]["final"]
+    md_text = (out / "table1_synthetic.md").read_text()
+    assert f"{fm:.1f}" in md_text and f"{fm:.1f}" in (out / "table1_synthetic.tex").read_text()
+
+
+def test_report_is_self_contained(built):
+    html = (built["out"] / "report.html").read_text()
+    assert '<img alt="' in html and 'src="data:image/png;base64,' in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "<link" not in html and "<script" not in html
+    # Our figures and the probe's figure are all inline.
+    assert html.count("data:image/png;base64,") >= 4  # figure5 x2, figure2, probe
+    assert "Identity accuracy vs AU-training epoch" in html
+    for name in ("figure2_model_size.png", "figure5_f1_synthetic.png", "figure5_f1_bp4d.png"):
+        assert (built["out"] / name).read_bytes()[:4] == b"\x89PNG"
+    assert "agrees with predictions.parquet" in html
+
+
+def test_ablations_say_not_run_without_sweeps(built):
+    out = built["out"]
+    lam = (out / "ablation_lambda.md").read_text()
+    depth = (out / "ablation_id_head_depth.md").read_text()
+    assert "not run; set finetune.sweep_lambdas" in lam
+    assert "not run; set finetune.sweep_id_head_depths" in depth
+    assert "published (Table 5)" in lam and "published (Table 7)" in depth
+    assert "not run; set finetune.sweep_lambdas" in (out / "report.html").read_text()
+
+
+def test_ablations_from_sweep_runs_and_mismatch_check(tmp_path):
+    ft = tmp_path / "finetune"
+    written = make_finetune(ft)
+    s05 = make_run(ft / "sweep_lambda" / "synthetic-1" / "lambda0.5", "synthetic", 1, "iat",
+                   SYN_AUS, seed=40, lam=0.5)
+    s3 = make_run(ft / "sweep_depth" / "synthetic-1" / "depth3", "synthetic", 1, "iat", SYN_AUS,
+                  seed=41, lam=2.0, depth=3)
+    # A stale folder for a value no longer in params is ignored.
+    make_run(ft / "sweep_lambda" / "synthetic-1" / "lambda9.0", "synthetic", 1, "iat", SYN_AUS,
+             seed=42, lam=9.0)
+    # Tamper with one run's reported F1: the cross-check must notice.
+    p = ft / "iat" / "synthetic-2" / "metrics.json"
+    m = json.loads(p.read_text())
+    m["final"]["f1"]["AU2"] += 7.0
+    p.write_text(json.dumps(m))
+    params = make_params(sweep_lambdas=[0.5], sweep_id_head_depths=[3],
+                         sweep_runs=["synthetic-1"])
+    out = tmp_path / "tables"
+    build_tables(ft, tmp_path / "no_probe", out, params, Tracker(active=False))
+
+    with open(out / "ablation_lambda.csv", newline="") as f:
+        lam_rows = [r for r in csv.DictReader(f) if r["Source"].startswith("ours")]
+    assert [float(r["λ"]) for r in lam_rows] == [0.0, 0.5, 2.0]  # main FMAE, sweep, main IAT
+    base = written[("fmae", "synthetic-1")]["paper_protocol"]["f1_mean"]
+    r05 = next(r for r in lam_rows if float(r["λ"]) == 0.5)
+    assert float(r05["Δ vs λ=0 (paper)"]) == pytest.approx(
+        s05["paper_protocol"]["f1_mean"] - base, abs=1e-3)
+    with open(out / "ablation_id_head_depth.csv", newline="") as f:
+        d_rows = [r for r in csv.DictReader(f) if r["Source"].startswith("ours")]
+    assert [int(r["ID head depth"]) for r in d_rows] == [1, 3]
+    assert float(d_rows[1]["Final ID loss"]) == pytest.approx(s3["final_id_loss"])
+    assert "9" not in {r["λ"] for r in lam_rows}
+
+    html = (out / "report.html").read_text()
+    assert "synthetic-2" in html and "disagrees" in html and "AU2" in html
+    assert "not run (no probe results" in (out / "identity_probe.md").read_text()
+
+
+def test_table_writers_escape_and_reject_ragged_rows():
+    t = Table("t", "A | B & C_1", ["Method", "x"], [["a|b", 1.25], ["c_d & e", None]], digits=1)
+    md = to_markdown(t)
+    assert "a\\|b" in md and "| – |" in md
+    assert r"c\_d \& e" in to_latex(t) and r"A | B \& C\_1" in to_latex(t)
+    assert to_csv(t).splitlines()[1:] == ['a|b,1.25', 'c_d & e,']
+    with pytest.raises(ValueError, match="3 cells for 2 columns"):
+        t.add(["x", 1, 2])
