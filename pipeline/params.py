@@ -79,7 +79,7 @@ class ShardsParams:
     image_size: int = F(224, 16, 4096, doc="every kept image is resized to this square size")
     max_aspect_ratio: float = F(1.5, 1.0, 100.0, doc="drop when w/h or h/w is above this")
     jpeg_quality: int = F(95, 1, 100)
-    samples_per_shard: int = F(2000, 1, 10_000_000)
+    samples_per_shard: int = F(256, 1, 10_000_000)
     workers: int = F(0, 0, 1024, doc="decode processes; 0 = all cores")
     draft: bool = F(True, doc="JPEG DCT-domain downscaling while decoding (libjpeg draft)")
 
