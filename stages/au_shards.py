@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"{au} {r:.2f}" if r is not None else f"{au} n/a"
                          for au, r in ls["positive_rate"].items()))
         atomic_write_json(stats_path, stats)
-        write_run_info(args.out, logged)
+        # beside the stats, not in the shard folder: the git commit in it would change the
+        # folder's DVC hash on every run and re-run all finetuning
+        write_run_info(stats_path.parent, logged)
         tracker.log_artifact(stats_path)
 
 
