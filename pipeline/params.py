@@ -110,7 +110,7 @@ class PretrainParams:
     steps_per_epoch: int = F(0, 0, doc="0 = shard samples / global batch")
     batch_size: int = F(64, 1, 65536, doc="per-process batch")
     accum_iter: int = F(1, 1, 1024)
-    blr: float = F(1.5e-4, 0.0, 1.0, lo_open=True)
+    blr: float = F(1.5e-3, 0.0, 1.0, lo_open=True)
     min_lr: float = F(0.0, 0.0, 1.0)
     weight_decay: float = F(0.05, 0.0, 1.0)
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))

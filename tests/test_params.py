@@ -31,7 +31,7 @@ def test_paper_profile_is_the_paper_setting():
     assert p.model_size == "large"
     assert p.pretrain.image_size == 224 and p.pretrain.patch_size == 16
     assert (p.pretrain.decoder_dim, p.pretrain.decoder_depth, p.pretrain.decoder_heads) == (512, 8, 16)
-    assert p.pretrain.epochs == 50 and p.pretrain.warmup_epochs == 2
+    assert p.pretrain.epochs == 50 and p.pretrain.warmup_epochs == 2 and p.pretrain.blr == 1.5e-4
     assert p.pretrain.batch_size * p.pretrain.accum_iter * p.pretrain.nproc_per_node == 512
     assert p.finetune.image_size == 224 and p.finetune.batch_size == 64
     assert set(p.download.sources) == {"celeba", "ffhq", "vggface2", "casia_webface", "megaface",
