@@ -1,0 +1,595 @@
+"""AU finetuning of one dataset fold, as FMAE or FMAE-IAT (paper sections 3.2 and 4).
+
+Follows method.md section 3 (the authors' finetuning recipe) and section 7 (how F1 is
+measured):
+
+- model: :class:`pipeline.models.au_model.AUModel` on the pretrained encoder (mean-pooled
+  patch tokens + fc_norm); variant ``fmae`` has only the AU head, ``iat`` adds the gradient
+  reversal layer (strength lambda) and an ID head over the fold's *training* subjects;
+- optimiser: AdamW (default betas), weight decay 0.05 except biases/norms/pos/cls, layer-wise
+  lr decay, ``lr = blr * batch / 256``, per-iteration linear warmup then half-cycle cosine to
+  ``min_lr``, no gradient clipping, bf16 autocast where allowed;
+- data: AU WebDataset shards (docs/design.md ``au_shards`` contract), timm training transform
+  (RandomResizedCrop, flip, RandAugment, RandomErasing), plain bicubic resize for evaluation;
+- every epoch: evaluate the fold's test subjects (and a validation split of training subjects
+  when ``val_fraction > 0``), save the backbone at the chosen epochs for the identity probe,
+  and append per-frame probabilities to ``predictions.parquet``.
+
+Outputs (docs/design.md ``finetune`` contract): ``metrics.json``, ``history.csv``,
+``predictions.parquet``, ``backbones/epoch_<E:03d>.pt``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import metrics as M
+from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, seed_everything
+from pipeline.models.au_model import AUModel, load_pretrained_encoder
+from pipeline.models.vit import build_vit
+from pipeline.params import FinetuneParams
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("fmae", "iat")
+HISTORY_COLUMNS = ("epoch", "lr", "au_loss", "id_loss", "id_acc", "f1_mean", "auc_mean",
+                   "best_threshold", "best_threshold_f1_mean")
+# Raw (still JPEG-encoded) samples held per worker for shuffling; small compared to a subject.
+SHUFFLE_BUFFER = 2000
+
+
+# --------------------------------------------------------------------------- fold splits
+def fold_split(au_dir: Path, fold: int, split: str, *, val_fraction: float, seed: int
+               ) -> tuple[list[str], list[str], int]:
+    """Shard URLs, subjects and sample count of one split; the only calls into au_data.
+
+    Args:
+        au_dir: ``data/au_shards/<dataset>``.
+        fold: test part (1-based).
+        split: ``train``, ``val`` or ``test``.
+        val_fraction, seed: the validation draw; identical for the train and val calls.
+    """
+    from pipeline.au_data import fold_shards
+    return fold_shards(au_dir, fold, split, val_fraction=val_fraction, seed=seed)
+
+
+def read_au_meta(au_dir: Path, dataset: str, fold: int) -> dict:
+    """``meta.json`` of an AU shard folder, checked against the requested dataset and fold."""
+    from pipeline.au_data import read_meta
+    meta = read_meta(au_dir)
+    for key in ("dataset", "aus", "parts"):
+        if key not in meta:
+            raise ValueError(f"{au_dir / 'meta.json'}: key {key!r} missing; rebuild the AU "
+                             "shards (`dvc repro au_shards`)")
+    if meta["dataset"] != dataset:
+        raise ValueError(f"{au_dir / 'meta.json'}: holds dataset {meta['dataset']!r}, not the "
+                         f"requested {dataset!r}; check --au-shards and the run name")
+    if str(fold) not in {str(k) for k in meta["parts"]}:
+        raise ValueError(f"{dataset} has no fold {fold}: {au_dir / 'meta.json'} lists parts "
+                         f"{sorted(meta['parts'], key=str)} (fold k tests on part k); fix "
+                         "finetune.runs")
+    return meta
+
+
+# --------------------------------------------------------------------------- data
+def build_transforms(cfg: FinetuneParams) -> tuple[Any, Any]:
+    """(train, eval) image transforms: timm's RandAugment recipe / plain resize.
+
+    Eval resizes to ``image_size`` x ``image_size`` (no crop), like the reference's
+    Resize(224x224); bicubic, as in training.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+    from torchvision import transforms as T
+
+    a = cfg.augment
+    train = create_transform(
+        input_size=cfg.image_size, is_training=True, scale=(a.scale_min, 1.0),
+        ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=a.hflip,
+        auto_augment=a.rand_augment or None,
+        # MAE finetuning passes no colour jitter (timm disables it under RandAugment anyway).
+        color_jitter=None, re_prob=a.reprob, re_mode="pixel", re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    _pillow_safe_posterize(train)
+    evaluate = T.Compose([
+        T.Resize((cfg.image_size, cfg.image_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return train, evaluate
+
+
+def _posterize_keep_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize that accepts 0 bits (a black image), as Pillow did before version 12/13."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe_posterize(transform) -> None:
+    """Make timm's RandAugment "inc1" posterize work with current Pillow.
+
+    With magnitude noise (mstd0.5) the magnitude reaches 10, where PosterizeIncreasing keeps
+    0 bits; current Pillow raises ``ValueError: bits must be between ... 1 and 8`` there
+    (about one image in 300), while the Pillow the reference code ran on returned a black
+    image. Swap the op's function in this transform only (no global patch of timm).
+    """
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize_keep_bits
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    import webdataset as wds
+    return iter(wds.tarfile_samples([{"url": url}]))
+
+
+def _interleave(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Read several shards at once, drawing each next sample from a random open shard.
+
+    Shards are per subject, so reading them one after another would give batches of a single
+    identity: that biases the AU gradient and makes the ID head's task trivial per batch.
+    """
+    streams = [_tar_samples(u) for u in urls]
+    while streams:
+        i = rng.randrange(len(streams))
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            streams.pop(i)
+
+
+def _shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+class AUShardStream(IterableDataset):
+    """Samples of AU shards: (image (3, S, S), labels (A,) int64, id int64, key, subject).
+
+    Shards are split across DataLoader workers (worker w reads shards w, w+n, ...), so one
+    pass yields every sample exactly once however many workers run. Training reshuffles the
+    shard order and samples every epoch (call :meth:`set_epoch` before iterating).
+
+    Args:
+        urls: shard paths.
+        aus: the AU numbers of the dataset, in label order (checked against every sample).
+        transform: PIL image -> tensor.
+        subject_ids: subject -> identity class; subjects not in it get id -1.
+        unknown_as_negative: turn label -1 (not coded) into 0.
+        shuffle: training order (interleaved shards + shuffle buffer) instead of file order.
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(self, urls: list[str], aus: list[int], transform, *,
+                 subject_ids: dict[str, int] | None = None, unknown_as_negative: bool = False,
+                 shuffle: bool = False, seed: int = 0):
+        super().__init__()
+        self.urls = list(urls)
+        self.aus = [int(a) for a in aus]
+        self.transform = transform
+        self.subject_ids = subject_ids or {}
+        self.unknown_as_negative = unknown_as_negative
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)  # same on every worker
+            rng = random.Random(f"{self.seed}-{self.epoch}-{wid}")
+            raw: Iterable[dict] = _shuffle_buffer(_interleave(urls[wid::nw], rng),
+                                                  SHUFFLE_BUFFER, rng)
+        else:
+            raw = (s for u in urls[wid::nw] for s in _tar_samples(u))
+        for sample in raw:
+            yield self._decode(sample)
+
+    def _decode(self, sample: dict):
+        where = f"{sample.get('__url__')} sample {sample.get('__key__')}"
+        try:
+            info = json.loads(sample["json"])
+            img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        except (KeyError, ValueError, OSError) as e:
+            raise ValueError(f"{where}: unreadable AU sample ({e}); rebuild the AU shards "
+                             "(`dvc repro au_shards`)") from e
+        if [int(a) for a in info.get("aus", [])] != self.aus:
+            raise ValueError(f"{where}: json 'aus' {info.get('aus')} differ from meta.json aus "
+                             f"{self.aus}; rebuild the AU shards")
+        labels = torch.tensor(info["labels"], dtype=torch.int64)  # (A,) in {0, 1, -1}
+        if self.unknown_as_negative:
+            labels = labels.clamp(min=0)
+        subject = str(info["subject"])
+        ident = self.subject_ids.get(subject, -1)
+        return self.transform(img), labels, ident, sample["__key__"], subject
+
+
+def make_loader(ds: AUShardStream, batch_size: int, num_workers: int, pin: bool) -> DataLoader:
+    # No persistent workers: workers copy the dataset when an epoch starts, which is how the
+    # new epoch number (and so the new shuffle) reaches them.
+    return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
+
+
+# --------------------------------------------------------------------------- optimisation
+def param_groups_lrd(model: AUModel, weight_decay: float, layer_decay: float
+                     ) -> list[dict]:
+    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE finetuning recipe).
+
+    Layer ids: patch_embed, cls_token, pos_embed -> 0; encoder block i (0-based) -> i + 1;
+    everything after the blocks (fc_norm, AU head, ID head) -> L + 1. A parameter of layer
+    id ``l`` gets lr scale ``layer_decay ** (L + 1 - l)``, so block i gets decay^(L - i), the
+    embeddings decay^(L + 1) and the heads 1. No weight decay on biases, norm weights, the
+    position embedding and the cls token. Frozen parameters (the fixed sin-cos pos_embed)
+    are left out.
+    """
+    n_layers = model.num_layers
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed")):
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = n_layers + 1
+        no_decay = p.ndim == 1 or name.endswith(("cls_token", "pos_embed"))
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay
+                           else weight_decay, "lr_scale": layer_decay ** (n_layers + 1 - layer)}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float
+          ) -> float:
+    """Learning rate at fractional epoch ``epoch``: linear warmup, then half-cycle cosine."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min((epoch - warmup_epochs) / span, 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """finetune.amp -> autocast dtype (None = full precision). auto = bf16 on CUDA only."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
+            else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("finetune.amp: fp16 needs a CUDA device; use bf16, auto or off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+# --------------------------------------------------------------------------- loops
+def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
+                    epoch: int, steps_per_epoch: int, cfg: FinetuneParams, base_lr: float,
+                    device: torch.device, amp: torch.dtype | None,
+                    scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+    """One pass over the training shards; returns sample-weighted mean losses and the lr.
+
+    ``epoch`` is 0-based here; the lr follows the per-iteration schedule of fractional epoch
+    ``epoch + step / steps_per_epoch``.
+    """
+    model.train()
+    sums = {"au_loss": 0.0, "id_loss": 0.0, "id_acc": 0.0}
+    n_seen, n_id, lr = 0, 0, 0.0
+    use_ids = model.id_head is not None
+    for step, (x, labels, ids, _keys, _subjects) in enumerate(loader):
+        # Workers each end with a partial batch, so the true step count can exceed the
+        # estimate by a few: clamp the schedule inside this epoch.
+        t = epoch + min(step / steps_per_epoch, 1.0)
+        lr = lr_at(t, lr=base_lr, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
+                   epochs=cfg.epochs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        x = x.to(device, non_blocking=True)  # (B, 3, S, S)
+        labels = labels.to(device, non_blocking=True)  # (B, A)
+        ids = ids.to(device, non_blocking=True) if use_ids else None  # (B,)
+        if ids is not None and bool((ids < 0).any()):
+            raise ValueError("a training sample's subject has no identity class; the fold's "
+                             "training shards hold a subject outside its training split")
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x, labels, ids)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; "
+                                     "lower finetune.blr or set finetune.amp: off")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        b = x.shape[0]
+        n_seen += b
+        sums["au_loss"] += out["au_loss"].item() * b
+        if "id_loss" in out:
+            n_id += b
+            sums["id_loss"] += out["id_loss"].item() * b
+            sums["id_acc"] += out["id_acc"].item() * b
+    if n_seen == 0:
+        raise ValueError("the training split yielded no samples; check the AU shards")
+    return {"lr": lr, "au_loss": sums["au_loss"] / n_seen,
+            "id_loss": sums["id_loss"] / n_id if n_id else math.nan,
+            "id_acc": sums["id_acc"] / n_id if n_id else math.nan}
+
+
+@torch.no_grad()
+def predict(model: AUModel, loader: DataLoader, device: torch.device,
+            amp: torch.dtype | None) -> dict[str, Any]:
+    """Probabilities of every sample, sorted by key.
+
+    Returns:
+        ``{"keys": [N], "subjects": [N], "probs": (N, A) float32, "labels": (N, A) int8}``.
+    """
+    model.eval()
+    keys, subjects, probs, labels = [], [], [], []
+    for x, lab, _ids, k, s in loader:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x.to(device, non_blocking=True))["au_logits"]  # (B, A)
+        probs.append(torch.sigmoid(logits.float()).cpu())
+        labels.append(lab)
+        keys += list(k)
+        subjects += list(s)
+    if not keys:
+        raise ValueError("an evaluation split yielded no samples; check the AU shards")
+    order = np.argsort(np.asarray(keys), kind="stable")
+    return {"keys": [keys[i] for i in order], "subjects": [subjects[i] for i in order],
+            "probs": torch.cat(probs).numpy().astype(np.float32)[order],
+            "labels": torch.cat(labels).numpy().astype(np.int8)[order]}
+
+
+def _check_exactly_once(pred: dict, expected: int, split: str) -> None:
+    n, n_unique = len(pred["keys"]), len(set(pred["keys"]))
+    if n != expected or n_unique != n:
+        raise ValueError(f"{split} split: read {n} samples ({n_unique} unique keys) but "
+                         f"index.parquet lists {expected}; the shards and index disagree, "
+                         "rebuild the AU shards")
+
+
+def _predictions_table(pred: dict, epoch: int, aus: list[int]):
+    import pyarrow as pa
+    cols: dict[str, Any] = {
+        "epoch": pa.array(np.full(len(pred["keys"]), epoch, np.int32)),
+        "key": pa.array(pred["keys"], pa.string()),
+        "subject": pa.array(pred["subjects"], pa.string()),
+    }
+    for j, a in enumerate(aus):
+        cols[f"prob_AU{a}"] = pa.array(pred["probs"][:, j])
+    for j, a in enumerate(aus):
+        cols[f"label_AU{a}"] = pa.array(pred["labels"][:, j])
+    return pa.table(cols)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore",
+                       lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_backbone(model: AUModel, path: Path, config: dict) -> None:
+    """Encoder (incl. fc_norm) weights + the config to rebuild it, for the identity probe."""
+    state = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"model": state, "config": config}, tmp)
+
+
+def _load_checkpoint(path: Path, model_size: str, patch_size: int, image_size: int) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: pretrained checkpoint missing; run the pretrain stage "
+                                "(`dvc repro pretrain`) or set pretrain.checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a pretraining checkpoint (no 'model' state dict)")
+    conf = ckpt.get("config") or {}
+    for key, want, param in (("model_size", model_size, "model_size"),
+                             ("patch_size", patch_size, "pretrain.patch_size"),
+                             ("img_size", image_size, "finetune.image_size")):
+        if key in conf and conf[key] != want:
+            hint = (" (set finetune.image_size = pretrain.image_size; position embeddings are "
+                    "not interpolated)" if key == "img_size" else "")
+            raise ValueError(f"{path}: pretrained with {key}={conf[key]!r} but {param} is "
+                             f"{want!r}{hint}")
+    return ckpt["model"]
+
+
+# --------------------------------------------------------------------------- the run
+def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams, *,
+             dataset: str, fold: int, variant: str, lambda_: float, model_size: str,
+             patch_size: int, seed: int, tracker=None) -> dict:
+    """Finetune the pretrained encoder on one fold and write the finetune contract files.
+
+    Args:
+        au_dir: ``data/au_shards/<dataset>``.
+        pretrained: ``data/pretrain/checkpoint.pt``.
+        out_dir: ``data/finetune/<variant>/<dataset>-<fold>``.
+        cfg: the ``finetune`` params section (``cfg.id_head_depth`` is used as given).
+        dataset, fold: the run; fold k tests on part k.
+        variant: ``fmae`` (AU head only; lambda ignored) or ``iat`` (adds reversal + ID head).
+        lambda_: gradient reversal strength for ``iat``.
+        model_size, patch_size: the pretrained encoder's size and patch size.
+        seed: seeds weights of the new heads, augmentation and shuffling.
+        tracker: a :class:`pipeline.tracking.Tracker` for per-epoch metrics, or None.
+
+    Returns:
+        the ``metrics.json`` dict.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} unknown; use one of {', '.join(VARIANTS)}")
+    au_dir, out_dir = Path(au_dir), Path(out_dir)
+    meta = read_au_meta(au_dir, dataset, fold)
+    aus = [int(a) for a in meta["aus"]]
+    seed_everything(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = autocast_dtype(cfg.amp, device)
+    iat = variant == "iat"
+
+    # ---- data
+    splits = {name: fold_split(au_dir, fold, name, val_fraction=cfg.val_fraction, seed=seed)
+              for name in (("train", "val", "test") if cfg.val_fraction > 0 else
+                           ("train", "test"))}
+    train_urls, train_subjects, n_train = splits["train"]
+    if n_train == 0 or not train_urls:
+        raise ValueError(f"{au_dir}: fold {fold} has no training samples")
+    subject_ids = {s: i for i, s in enumerate(sorted(train_subjects))}
+    t_train, t_eval = build_transforms(cfg)
+    neg = cfg.unknown_labels == "negative"
+    pin = device.type == "cuda"
+    train_ds = AUShardStream(train_urls, aus, t_train, subject_ids=subject_ids,
+                             unknown_as_negative=neg, shuffle=True, seed=seed)
+    train_loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
+    eval_loaders = {name: (make_loader(AUShardStream(urls, aus, t_eval, unknown_as_negative=neg),
+                                       cfg.batch_size, cfg.num_workers, pin), n)
+                    for name, (urls, _subs, n) in splits.items() if name != "train"}
+    log.info("%s fold %d (%s): %d train frames / %d subjects, %s; %d AUs", dataset, fold,
+             variant, n_train, len(train_subjects),
+             ", ".join(f"{k} {len(v[1])} subjects {v[2]} frames" for k, v in splits.items()
+                       if k != "train"), len(aus))
+
+    # ---- model
+    state = _load_checkpoint(pretrained, model_size, patch_size, cfg.image_size)
+    encoder = build_vit(model_size, cfg.image_size, patch_size, cfg.drop_path, global_pool="avg")
+    model = AUModel(encoder, len(aus), n_ids=len(subject_ids) if iat else 0,
+                    id_head_depth=cfg.id_head_depth, lambda_=lambda_ if iat else 0.0)
+    load_pretrained_encoder(model, state)
+    model.to(device)
+    backbone_config = {"model_size": model_size, "img_size": cfg.image_size,
+                       "patch_size": patch_size, "global_pool": "avg",
+                       "embed_dim": int(encoder.embed_dim), "depth": model.num_layers,
+                       "dataset": dataset, "fold": fold, "variant": variant}
+
+    base_lr = cfg.blr * cfg.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay),
+                                  lr=base_lr)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    log.info("lr %.3g (blr %.3g x batch %d / 256), %d steps/epoch, %d epochs, amp %s, "
+             "device %s", base_lr, cfg.blr, cfg.batch_size, steps_per_epoch, cfg.epochs,
+             amp, device)
+
+    def backbone(epoch: int) -> None:
+        if epoch in cfg.save_backbone_epochs:
+            save_backbone(model, out_dir / "backbones" / f"epoch_{epoch:03d}.pt",
+                          {**backbone_config, "epoch": epoch})
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone(0)
+    history: list[dict] = []
+    epochs: list[dict] = []
+    import pyarrow.parquet as pq
+    with atomic_path(out_dir / "predictions.parquet") as pred_tmp:
+        writer = None
+        try:
+            for e in range(cfg.epochs):
+                epoch = e + 1
+                t0 = time.time()
+                train_ds.set_epoch(e)
+                tr = train_one_epoch(model, train_loader, optimizer, epoch=e,
+                                     steps_per_epoch=steps_per_epoch, cfg=cfg, base_lr=base_lr,
+                                     device=device, amp=amp, scaler=scaler)
+                rec: dict[str, Any] = {"epoch": epoch}
+                for name, (loader, n_expected) in eval_loaders.items():
+                    pred = predict(model, loader, device, amp)
+                    _check_exactly_once(pred, n_expected, name)
+                    rec[name] = M.au_report(pred["probs"], pred["labels"], aus, 0.5)
+                    if name == "test":
+                        thr, _ = M.best_global_threshold(pred["probs"], pred["labels"])
+                        rec["test_best"] = M.au_report(pred["probs"], pred["labels"], aus, thr)
+                        table = _predictions_table(pred, epoch, aus)
+                        if writer is None:
+                            writer = pq.ParquetWriter(pred_tmp, table.schema)
+                        writer.write_table(table)
+                rec.setdefault("val", None)
+                epochs.append(rec)
+                row = {"epoch": epoch, **tr, "f1_mean": rec["test"]["f1_mean"],
+                       "auc_mean": rec["test"]["auc_mean"],
+                       "best_threshold": rec["test_best"]["threshold"],
+                       "best_threshold_f1_mean": rec["test_best"]["f1_mean"]}
+                history.append(row)
+                _write_history(out_dir / "history.csv", history)
+                backbone(epoch)
+                step_metrics = {"train/au_loss": tr["au_loss"], "train/lr": tr["lr"],
+                                "test/f1_mean": row["f1_mean"], "test/auc_mean": row["auc_mean"],
+                                "test/best_threshold": row["best_threshold"],
+                                "test/best_threshold_f1_mean": row["best_threshold_f1_mean"]}
+                if iat:
+                    step_metrics.update({"train/id_loss": tr["id_loss"],
+                                         "train/id_acc": tr["id_acc"]})
+                if rec["val"] is not None:
+                    step_metrics["val/f1_mean"] = rec["val"]["f1_mean"]
+                if tracker is not None:
+                    tracker.log_metrics(step_metrics, step=epoch)
+                log.info("epoch %d/%d %.0fs: lr %.2e au_loss %.4f%s | test F1@0.5 %s AUC %s "
+                         "| best thr %.2f F1 %s%s", epoch, cfg.epochs, time.time() - t0,
+                         tr["lr"], tr["au_loss"],
+                         f" id_loss {tr['id_loss']:.4f} id_acc {tr['id_acc']:.3f}" if iat else "",
+                         row["f1_mean"], row["auc_mean"], row["best_threshold"],
+                         row["best_threshold_f1_mean"],
+                         f" | val F1 {rec['val']['f1_mean']}" if rec["val"] else "")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    result = {
+        "dataset": dataset, "fold": fold, "variant": variant,
+        "lambda": float(lambda_) if iat else 0.0,
+        "id_head_depth": cfg.id_head_depth if iat else None,
+        "aus": aus,
+        "final": M.final_summary(epochs),
+        "paper_protocol": M.paper_protocol_summary(epochs),
+        "val_selected": M.val_selected_summary(epochs),
+        "final_id_loss": history[-1]["id_loss"] if iat else None,
+        "convergence_epoch": M.convergence_epoch(epochs),
+    }
+    atomic_write_json(out_dir / "metrics.json", result)
+    if tracker is not None:
+        tracker.log_metrics({"final/f1_mean": result["final"]["f1_mean"],
+                             "final/auc_mean": result["final"]["auc_mean"],
+                             "paper_protocol/f1_mean": result["paper_protocol"]["f1_mean"],
+                             "convergence_epoch": result["convergence_epoch"]})
+        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / "history.csv")
+    log.info("%s-%d %s: final F1@0.5 %s (epoch %d); paper protocol F1 %s (thr %.2f, epoch %d)",
+             dataset, fold, variant, result["final"]["f1_mean"], result["final"]["epoch"],
+             result["paper_protocol"]["f1_mean"], result["paper_protocol"]["threshold"],
+             result["paper_protocol"]["epoch"])
+    return result

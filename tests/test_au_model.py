@@ -1,0 +1,175 @@
+"""AU model: gradient reversal, lambda = 0 equivalence, gradients, pretrained loading."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.models import vit
+from pipeline.models.au_model import (AUModel, GradientReversal, GradReverse,
+                                      load_pretrained_encoder, masked_bce_with_logits)
+
+TINY = vit.ViTSize(embed_dim=32, depth=2, num_heads=2, patch_size=8)
+
+
+@pytest.fixture(autouse=True)
+def tiny_vit(monkeypatch):
+    monkeypatch.setitem(vit.VIT_SIZES, "tiny", TINY)
+
+
+def _encoder(img: int = 16, drop_path: float = 0.0):
+    torch.manual_seed(0)
+    return vit.build_vit("tiny", img, 8, drop_path, global_pool="avg")
+
+
+def _batch(n: int = 6, n_aus: int = 3, n_ids: int = 4, img: int = 16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, img, img, generator=g)
+    labels = torch.randint(-1, 2, (n, n_aus), generator=g)  # includes -1 = unknown
+    ids = torch.randint(0, n_ids, (n,), generator=g)
+    return x, labels, ids
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+def test_reversal_is_identity_forward_and_minus_lambda_backward(lam):
+    x = torch.randn(5, 7, requires_grad=True)
+    upstream = torch.randn(5, 7)
+    y = GradientReversal(lam)(x)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.equal(x.grad, upstream * -lam)
+    # The Function itself, without the module.
+    x2 = x.detach().clone().requires_grad_(True)
+    GradReverse.apply(x2, lam).sum().backward()
+    assert torch.equal(x2.grad, torch.full_like(x2, -lam))
+
+
+def test_negative_lambda_rejected():
+    with pytest.raises(ValueError, match="lambda_"):
+        GradientReversal(-1.0)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
+
+
+def test_lambda_zero_equals_plain_model():
+    enc = _encoder()
+    plain = AUModel(copy.deepcopy(enc), n_aus=3)
+    iat = AUModel(copy.deepcopy(enc), n_aus=3, n_ids=4, lambda_=0.0)
+    iat.au_head.load_state_dict(plain.au_head.state_dict())
+    x, labels, ids = _batch()
+    out_p = plain(x, labels)
+    out_i = iat(x, labels, ids)
+    assert torch.equal(out_p["au_logits"], out_i["au_logits"])
+    assert torch.equal(out_p["au_loss"], out_i["au_loss"])
+    assert out_i["id_loss"] > 0 and "id_loss" not in out_p
+    out_p["loss"].backward()
+    out_i["loss"].backward()
+    gp, gi = _grads(plain), _grads(iat)
+    assert gp.keys() == gi.keys() and gp
+    for name in gp:
+        assert torch.equal(gp[name], gi[name]), name
+    # The ID head itself still learns when lambda = 0.
+    assert iat.id_head.weight.grad.abs().sum() > 0
+
+
+def test_positive_lambda_changes_backbone_gradient():
+    enc = _encoder()
+    plain = AUModel(copy.deepcopy(enc), n_aus=3)
+    iat = AUModel(copy.deepcopy(enc), n_aus=3, n_ids=4, lambda_=1.0)
+    iat.au_head.load_state_dict(plain.au_head.state_dict())
+    # A visible ID head so the reversed gradient is not negligible next to the AU one.
+    torch.nn.init.normal_(iat.id_head.weight, std=1.0)
+    x, labels, ids = _batch()
+    plain(x, labels)["loss"].backward()
+    iat(x, labels, ids)["loss"].backward()
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.allclose(_grads(plain)[w], _grads(iat)[w])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_every_parameter_gets_a_gradient(depth):
+    model = AUModel(_encoder(drop_path=0.1), n_aus=3, n_ids=4, id_head_depth=depth, lambda_=1.0)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.id_head.modules())
+    assert n_linear == depth
+    x, labels, ids = _batch()
+    labels[0] = 1  # at least one known label per AU
+    out = model(x, labels, ids)
+    assert set(out) >= {"loss", "au_loss", "id_loss", "id_acc", "au_logits", "id_logits",
+                        "features"}
+    assert out["id_logits"].shape == (6, 4) and out["features"].shape == (6, 32)
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert name == "encoder.pos_embed"  # fixed sin-cos
+
+
+def test_masked_bce_ignores_unknown_labels():
+    logits = torch.tensor([[0.3, -1.0, 2.0], [1.5, 0.2, -0.7]])
+    labels = torch.tensor([[1, -1, 0], [0, 1, -1]])
+    known = labels >= 0
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[known], labels[known].float())
+    assert torch.allclose(masked_bce_with_logits(logits, labels), ref)
+    changed = logits.clone()
+    changed[~known] = 50.0
+    assert torch.allclose(masked_bce_with_logits(changed, labels), ref)
+    # All unknown: zero loss, no NaN.
+    assert masked_bce_with_logits(logits, torch.full_like(labels, -1)).item() == 0.0
+
+
+def _mae_state(img: int = 16) -> dict:
+    torch.manual_seed(3)
+    enc = vit.build_vit("tiny", img, 8, global_pool="token")
+    state = dict(enc.state_dict())
+    d = 16
+    state.update({"mask_token": torch.zeros(1, 1, d), "decoder_embed.weight": torch.zeros(d, 32),
+                  "decoder_embed.bias": torch.zeros(d),
+                  "decoder_pos_embed": torch.zeros(1, (img // 8) ** 2 + 1, d),
+                  "decoder_blocks.0.norm1.weight": torch.ones(d),
+                  "decoder_norm.weight": torch.ones(d), "decoder_norm.bias": torch.zeros(d),
+                  "decoder_pred.weight": torch.zeros(8 * 8 * 3, d),
+                  "decoder_pred.bias": torch.zeros(8 * 8 * 3)})
+    return state
+
+
+def test_load_pretrained_reports_expected_keys_and_copies_weights():
+    state = _mae_state()
+    model = AUModel(_encoder(), n_aus=3, n_ids=5, id_head_depth=2, lambda_=1.0)
+    missing, unexpected = load_pretrained_encoder(model, state)
+    head_keys = {k for k in model.state_dict() if k.startswith(("au_head.", "id_head."))}
+    assert set(missing) == {"encoder.fc_norm.weight", "encoder.fc_norm.bias"} | head_keys
+    assert len(head_keys) == 6  # au_head w/b + two id_head Linear layers w/b
+    assert set(unexpected) == {"norm.weight", "norm.bias"}
+    enc_state = model.encoder.state_dict()
+    for k in ("patch_embed.proj.weight", "cls_token", "blocks.1.mlp.fc2.weight", "pos_embed"):
+        assert torch.equal(enc_state[k], state[k]), k
+
+
+def test_load_pretrained_rejects_other_image_size():
+    model = AUModel(_encoder(img=16), n_aus=3)
+    with pytest.raises(ValueError, match="finetune.image_size = pretrain.image_size"):
+        load_pretrained_encoder(model, _mae_state(img=32))
+
+
+@pytest.mark.parametrize("edit", ["extra", "drop"])
+def test_load_pretrained_names_wrong_keys(edit):
+    state = _mae_state()
+    if edit == "extra":
+        state["head.weight"] = torch.zeros(10, 32)
+        needle = "head.weight"
+    else:
+        del state["blocks.1.attn.proj.bias"]
+        needle = "blocks.1.attn.proj.bias"
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        load_pretrained_encoder(AUModel(_encoder(), n_aus=3), state)
+
+
+def test_encoder_without_avg_pool_rejected():
+    enc = vit.build_vit("tiny", 16, 8, global_pool="token")
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        AUModel(enc, n_aus=3)

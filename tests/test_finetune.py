@@ -1,0 +1,280 @@
+"""Finetuning: optimiser groups, schedule, shard reading, errors, a tiny end-to-end run."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from pipeline.finetune import (AUShardStream, finetune, lr_at, make_loader, param_groups_lrd,
+                               read_au_meta)
+from pipeline.models import vit
+from pipeline.models.au_model import AUModel
+from pipeline.params import FinetuneParams, build
+
+TINY = vit.ViTSize(embed_dim=32, depth=2, num_heads=2, patch_size=8)
+AUS = [1, 2, 4]
+SUBJECTS = ["F01", "F02", "M01", "M02", "M03", "M04"]
+PARTS = {"1": ["F01", "M02"], "2": ["F02", "M03"], "3": ["M01", "M04"]}
+FRAMES = 6  # per subject
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def tiny_vit(monkeypatch):
+    monkeypatch.setitem(vit.VIT_SIZES, "tiny", TINY)
+
+
+def make_au_shards(root: Path, dataset: str = "synthetic", size: int = 32) -> Path:
+    """A tiny AU shard folder in the docs/design.md contract (without pipeline/au_data.py)."""
+    au_dir = root / dataset
+    au_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for si, subject in enumerate(SUBJECTS):
+        shard = f"{subject}-000000.tar"
+        with wds.TarWriter(str(au_dir / shard), mtime=0) as w:
+            for f in range(FRAMES):
+                labels = rng.integers(-1, 2, len(AUS)).tolist()
+                labels[0] = f % 2  # AU1 known in every frame, both classes present
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                pixels[..., si % 3] = 40 * si  # a subject-specific colour
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG")
+                key = f"{subject}_T1_{f}"
+                w.write({"__key__": key, "jpg": buf.getvalue(), "json": json.dumps(
+                    {"dataset": dataset, "subject": subject, "task": "T1", "frame": f,
+                     "aus": AUS, "labels": labels}).encode()})
+                rows.append({"key": key, "subject": subject, "task": "T1", "frame": f,
+                             "shard": shard, **{f"AU{a}": np.int8(v) for a, v in
+                                                zip(AUS, labels)}})
+    pd.DataFrame(rows).to_parquet(au_dir / "index.parquet")
+    (au_dir / "meta.json").write_text(json.dumps({
+        "dataset": dataset, "aus": AUS, "subjects": SUBJECTS, "parts": PARTS,
+        "counts": {s: FRAMES for s in SUBJECTS}}))
+    return au_dir
+
+
+def make_checkpoint(path: Path, img: int = 32) -> Path:
+    torch.manual_seed(0)
+    enc = vit.build_vit("tiny", img, 8, global_pool="token")
+    state = dict(enc.state_dict())
+    state.update({"mask_token": torch.zeros(1, 1, 16),
+                  "decoder_embed.weight": torch.zeros(16, 32),
+                  "decoder_embed.bias": torch.zeros(16),
+                  "decoder_pred.weight": torch.zeros(192, 16)})
+    torch.save({"model": state, "config": {"model_size": "tiny", "img_size": img,
+                                           "patch_size": 8}, "epoch": 1}, path)
+    return path
+
+
+def cfg(**kw) -> FinetuneParams:
+    base = {"image_size": 32, "epochs": 2, "warmup_epochs": 1, "batch_size": 8,
+            "save_backbone_epochs": [0, 1, 2], "num_workers": 0, "amp": "off"}
+    base.update(kw)
+    return build(FinetuneParams, base, "finetune.")
+
+
+def test_layer_decay_groups():
+    model = AUModel(vit.build_vit("tiny", 32, 8, global_pool="avg"), n_aus=3, n_ids=4)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
+    seen = Counter(n for g in groups for n in g["names"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(seen) == trainable and max(seen.values()) == 1
+    assert "encoder.pos_embed" not in seen  # fixed sin-cos, frozen
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    L = 2
+    assert scale["encoder.patch_embed.proj.weight"] == 0.5 ** (L + 1)
+    assert scale["encoder.cls_token"] == 0.5 ** (L + 1)
+    assert scale["encoder.blocks.0.attn.qkv.weight"] == 0.5 ** L
+    assert scale["encoder.blocks.1.mlp.fc1.weight"] == 0.5 ** (L - 1)
+    for n in ("encoder.fc_norm.weight", "au_head.weight", "id_head.weight"):
+        assert scale[n] == 1.0
+    assert wd["encoder.blocks.0.attn.qkv.weight"] == 0.05 and wd["au_head.weight"] == 0.05
+    for n in ("encoder.cls_token", "au_head.bias", "encoder.blocks.0.norm1.weight",
+              "encoder.fc_norm.bias"):
+        assert wd[n] == 0.0, n
+
+
+def test_lr_schedule():
+    kw = {"lr": 1e-3, "min_lr": 1e-6, "warmup_epochs": 2, "epochs": 10}
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(1, **kw) == pytest.approx(5e-4)
+    assert lr_at(2, **kw) == pytest.approx(1e-3)
+    assert lr_at(6, **kw) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert lr_at(10, **kw) == pytest.approx(1e-6)
+    after = [lr_at(2 + 0.5 * i, **kw) for i in range(17)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+
+
+def test_eval_stream_sees_every_sample_once_with_workers(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    urls = sorted(str(p) for p in au_dir.glob("*.tar"))
+    ds = AUShardStream(urls, AUS, lambda im: torch.zeros(1))
+    keys = [k for _, _, _, ks, _ in make_loader(ds, 4, num_workers=2, pin=False) for k in ks]
+    assert len(keys) == len(SUBJECTS) * FRAMES == len(set(keys))
+
+
+def test_train_stream_reshuffles_and_maps_labels(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    urls = sorted(str(p) for p in au_dir.glob("*.tar"))
+    ids = {s: i for i, s in enumerate(SUBJECTS)}
+    ds = AUShardStream(urls, AUS, lambda im: torch.zeros(1), subject_ids=ids,
+                       unknown_as_negative=True, shuffle=True, seed=0)
+    orders = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        items = list(ds)
+        orders.append([it[3] for it in items])
+        assert sorted(orders[-1]) == sorted(set(orders[-1])) and len(items) == 36
+        assert all(int(it[1].min()) >= 0 for it in items)  # -1 -> 0
+        assert all(it[2] == ids[it[4]] for it in items)
+    assert orders[0] != orders[1]
+    # Shards are interleaved: the first dozen samples come from several subjects.
+    assert len({k.split("_")[0] for k in orders[0][:12]}) >= 3
+
+
+def test_unknown_dataset_or_fold_is_a_clear_error(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    with pytest.raises(ValueError, match="no fold 7"):
+        read_au_meta(au_dir, "synthetic", 7)
+    with pytest.raises(ValueError, match="holds dataset 'synthetic', not the requested 'bp4d'"):
+        read_au_meta(au_dir, "bp4d", 1)
+    with pytest.raises(ValueError, match="no fold 4"):
+        finetune(au_dir, tmp_path / "none.pt", tmp_path / "out", cfg(), dataset="synthetic",
+                 fold=4, variant="iat", lambda_=1.0, model_size="tiny", patch_size=8, seed=0)
+    with pytest.raises(ValueError, match="variant 'dann' unknown"):
+        finetune(au_dir, tmp_path / "none.pt", tmp_path / "out", cfg(), dataset="synthetic",
+                 fold=1, variant="dann", lambda_=1.0, model_size="tiny", patch_size=8, seed=0)
+
+
+def test_checkpoint_image_size_mismatch(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", img=16)
+    with pytest.raises(ValueError, match="finetune.image_size = pretrain.image_size"):
+        finetune(au_dir, ckpt, tmp_path / "out", cfg(), dataset="synthetic", fold=1,
+                 variant="fmae", lambda_=0.0, model_size="tiny", patch_size=8, seed=0)
+
+
+def _check_outputs(out: Path, variant: str, n_epochs: int, n_test: int, with_val: bool):
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == {"dataset", "fold", "variant", "lambda", "id_head_depth", "aus", "final",
+                      "paper_protocol", "val_selected", "final_id_loss", "convergence_epoch"}
+    assert m["variant"] == variant and m["aus"] == AUS and m["dataset"] == "synthetic"
+    assert set(m["final"]) == {"f1_mean", "auc_mean", "f1", "auc", "epoch"}
+    assert m["final"]["epoch"] == n_epochs and set(m["final"]["f1"]) == {"AU1", "AU2", "AU4"}
+    assert 0 <= m["final"]["f1_mean"] <= 100
+    pp = m["paper_protocol"]
+    assert set(pp) == {"f1_mean", "f1", "threshold", "epoch"}
+    assert pp["f1_mean"] >= m["final"]["f1_mean"] - 1e-9  # optimised on the test fold
+    assert (m["val_selected"] is not None) == with_val
+    assert 1 <= m["convergence_epoch"] <= n_epochs
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.columns) == ["epoch", "lr", "au_loss", "id_loss", "id_acc", "f1_mean",
+                                  "auc_mean", "best_threshold", "best_threshold_f1_mean"]
+    assert hist["epoch"].tolist() == list(range(1, n_epochs + 1))
+    assert np.isfinite(hist["au_loss"]).all()
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert list(pred.columns) == (["epoch", "key", "subject"] + [f"prob_AU{a}" for a in AUS]
+                                  + [f"label_AU{a}" for a in AUS])
+    assert len(pred) == n_epochs * n_test
+    assert (pred.groupby("epoch")["key"].nunique() == n_test).all()
+    assert set(pred["subject"]) == set(PARTS[str(m["fold"])])
+    assert pred[[f"prob_AU{a}" for a in AUS]].stack().between(0, 1).all()
+    for e in range(n_epochs + 1):
+        bb = torch.load(out / "backbones" / f"epoch_{e:03d}.pt", weights_only=True)
+        assert bb["config"]["epoch"] == e and bb["config"]["global_pool"] == "avg"
+        enc = vit.build_vit("tiny", bb["config"]["img_size"], bb["config"]["patch_size"],
+                            global_pool="avg")
+        enc.load_state_dict(bb["model"])  # strict: encoder + fc_norm exactly
+    return m, hist
+
+
+def test_end_to_end_fmae_with_workers(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "fmae" / "synthetic-1"
+    m = finetune(au_dir, ckpt, out, cfg(num_workers=2), dataset="synthetic", fold=1,
+                 variant="fmae", lambda_=2.0, model_size="tiny", patch_size=8, seed=0)
+    m2, hist = _check_outputs(out, "fmae", 2, n_test=2 * FRAMES, with_val=False)
+    assert m == m2
+    assert m["lambda"] == 0.0 and m["id_head_depth"] is None and m["final_id_loss"] is None
+    assert hist["id_loss"].isna().all()
+    # Backbone 0 is the pretrained encoder, later ones moved.
+    b0 = torch.load(out / "backbones" / "epoch_000.pt", weights_only=True)["model"]
+    b2 = torch.load(out / "backbones" / "epoch_002.pt", weights_only=True)["model"]
+    ref = torch.load(ckpt, weights_only=True)["model"]
+    assert torch.equal(b0["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(b2["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
+
+
+def test_end_to_end_iat_with_validation(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "iat" / "synthetic-2"
+    m = finetune(au_dir, ckpt, out, cfg(val_fraction=0.3, id_head_depth=2), dataset="synthetic",
+                 fold=2, variant="iat", lambda_=1.0, model_size="tiny", patch_size=8, seed=0)
+    _, hist = _check_outputs(out, "iat", 2, n_test=2 * FRAMES, with_val=True)
+    assert m["lambda"] == 1.0 and m["id_head_depth"] == 2
+    # 4 training subjects minus 1 for validation -> 3 identity classes.
+    assert m["final_id_loss"] == pytest.approx(hist["id_loss"].iloc[-1])
+    assert 0 < m["final_id_loss"] < 3 * math.log(3)
+    assert hist["id_acc"].between(0, 1).all()
+
+
+def test_stage_script(tmp_path, monkeypatch):
+    au_root = tmp_path / "au_shards"
+    make_au_shards(au_root)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "lambda": 0.5, "pretrain": {"image_size": 32, "patch_size": 8},
+        "finetune": {"image_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8,
+                     "save_backbone_epochs": [1], "num_workers": 0,
+                     "augment": {"rand_augment": ""}}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("stage_finetune", REPO / "stages" / "finetune.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    out = tmp_path / "out"
+    assert stage.main(["--params", str(params), "--run", "synthetic-3", "--variant", "iat",
+                       "--au-shards", str(au_root), "--pretrained", str(ckpt), "--out", str(out),
+                       "--id-head-depth", "3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["fold"], m["lambda"], m["id_head_depth"]) == (3, 0.5, 3)
+    assert (out / "run_info.json").is_file() and (out / "backbones" / "epoch_001.pt").is_file()
+    assert not (out / "backbones" / "epoch_000.pt").exists()
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fmae-iat"])
+    assert runs["tags.mlflow.runName"].tolist() == ["iat/synthetic-3/lambda=0.5,id_head_depth=3"]
+    assert runs["tags.dataset"].tolist() == ["synthetic"] and "metrics.test/f1_mean" in runs
+    with pytest.raises(SystemExit):
+        stage.main(["--params", str(params), "--run", "synthetic-1", "--variant", "fmae",
+                    "--au-shards", str(au_root), "--pretrained", str(ckpt), "--out", str(out),
+                    "--lambda", "1.0"])
+
+
+def test_train_transform_survives_posterize_to_zero_bits():
+    from pipeline.finetune import build_transforms
+    train, evaluate = build_transforms(cfg())
+    ops = [op for t in train.transforms for op in getattr(t, "ops", [])
+           if op.name == "PosterizeIncreasing"]
+    assert len(ops) == 1
+    op = ops[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the level that keeps 0 bits
+    img = Image.fromarray(np.full((40, 40, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0  # black, as older Pillow gave
+    assert train(img).shape == (3, 32, 32) and evaluate(img).shape == (3, 32, 32)
