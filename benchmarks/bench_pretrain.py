@@ -24,19 +24,17 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from pipeline.io import setup_logging  # noqa: E402
-from pipeline.models.mae import MAE  # noqa: E402
-from pipeline.models.vit import sincos_pos_embed_2d, vit_size  # noqa: E402
-from pipeline.pretrain import param_groups, resolve_amp  # noqa: E402
+from pipeline.io import setup_logging
+from pipeline.models.mae import MAE
+from pipeline.models.vit import sincos_pos_embed_2d, vit_size
+from pipeline.pretrain import param_groups, resolve_amp
 
 log = logging.getLogger("bench_pretrain")
 

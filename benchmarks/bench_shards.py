@@ -35,12 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-if __package__ in (None, ""):  # `python benchmarks/bench_shards.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.io import atomic_write_json, setup_logging  # noqa: E402
-from pipeline.params import ShardsParams  # noqa: E402
-from pipeline.shards import RESAMPLE, build_shards, resolve_workers  # noqa: E402
+from pipeline.io import atomic_write_json, setup_logging
+from pipeline.params import ShardsParams
+from pipeline.shards import RESAMPLE, build_shards, resolve_workers
 
 log = logging.getLogger("bench_shards")
 GEN_VERSION = 1  # bump when the synthetic content changes, to invalidate caches

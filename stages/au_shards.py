@@ -1,6 +1,6 @@
 """Stage au_shards: AU datasets -> per-subject WebDataset shards, index, meta, stats.
 
-    python stages/au_shards.py --params params.yaml --download data/download \
+    python -m stages.au_shards --params params.yaml --download data/download \
         --out data/au_shards [--stats data/au_shards/stats.json]
 
 Builds ``<out>/<dataset>/`` (docs/design.md, au_shards contract) for every dataset in

@@ -1,6 +1,6 @@
 """Stage download: obtain, place-check and verify every face source the params name.
 
-    python stages/download.py --params params.yaml --out data/download
+    python -m stages.download --params params.yaml --out data/download
 
 Runs :func:`pipeline.sources.prepare_sources` for each name in ``download.sources`` and
 ``download.au_datasets`` (a name in both runs once), each into ``<out>/<name>/`` with a
@@ -20,13 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python stages/download.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.io import setup_logging  # noqa: E402
-from pipeline.params import load_params, to_dict  # noqa: E402
-from pipeline.sources import prepare_sources  # noqa: E402
-from pipeline.tracking import start_run  # noqa: E402
+from pipeline.io import setup_logging
+from pipeline.params import load_params, to_dict
+from pipeline.sources import prepare_sources
+from pipeline.tracking import start_run
 
 log = logging.getLogger("stages.download")
 

@@ -1,6 +1,6 @@
 """Stage finetune_fmae / finetune_iat: AU finetuning of one <dataset>-<fold> run.
 
-    python stages/finetune.py --params params.yaml --run synthetic-1 --variant iat \
+    python -m stages.finetune --params params.yaml --run synthetic-1 --variant iat \
         --au-shards data/au_shards --pretrained data/pretrain/checkpoint.pt \
         --out data/finetune/iat/synthetic-1
 
@@ -15,12 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from pipeline.finetune import VARIANTS, finetune  # noqa: E402
-from pipeline.io import setup_logging, write_run_info  # noqa: E402
-from pipeline.params import load_params, parse_run, to_dict  # noqa: E402
-from pipeline.tracking import start_run  # noqa: E402
+from pipeline.finetune import VARIANTS, finetune
+from pipeline.io import setup_logging, write_run_info
+from pipeline.params import load_params, parse_run, to_dict
+from pipeline.tracking import start_run
 
 log = logging.getLogger("stages.finetune")
 

@@ -1,12 +1,12 @@
 """Stage `pretrain`: FMAE (masked autoencoder) pretraining on the face shards (paper 3.1).
 
-    python stages/pretrain.py --params params.yaml --shards data/shards/face \
+    python -m stages.pretrain --params params.yaml --shards data/shards/face \
         --out data/pretrain/model [--state data/pretrain/state] \
         [--metrics data/pretrain/metrics.json] [--loss-csv data/pretrain/loss.csv]
 
 Data-parallel on several GPUs (or CPU processes, gloo):
 
-    torchrun --standalone --nproc_per_node=N stages/pretrain.py ...same arguments...
+    torchrun --standalone --nproc_per_node=N -m stages.pretrain ...same arguments...
 
 A killed run continues from the resume checkpoint in the state folder when it is restarted
 with the same settings. With ``pretrain.checkpoint`` set, a released FMAE/MAE checkpoint is
@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from pipeline.distributed import cleanup_distributed, init_distributed  # noqa: E402
-from pipeline.io import setup_logging, write_run_info  # noqa: E402
-from pipeline.params import load_params, to_dict  # noqa: E402
-from pipeline.pretrain import pretrain  # noqa: E402
-from pipeline.tracking import is_rank0, start_run  # noqa: E402
+from pipeline.distributed import cleanup_distributed, init_distributed
+from pipeline.io import setup_logging, write_run_info
+from pipeline.params import load_params, to_dict
+from pipeline.pretrain import pretrain
+from pipeline.tracking import is_rank0, start_run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,20 +1,18 @@
 """Stage `probe`: identity linear probing of the AU backbones (paper section 5.1, Figs 3-4).
 
-    python stages/probe.py --params params.yaml --finetune data/finetune \
+    python -m stages.probe --params params.yaml --finetune data/finetune \
         --au-shards data/au_shards --out data/probe
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from pipeline.io import setup_logging, write_run_info  # noqa: E402
-from pipeline.params import load_params, to_dict  # noqa: E402
-from pipeline.probe import probe_all  # noqa: E402
-from pipeline.tracking import start_run  # noqa: E402
+from pipeline.io import setup_logging, write_run_info
+from pipeline.params import load_params, to_dict
+from pipeline.probe import probe_all
+from pipeline.tracking import start_run
 
 
 def main(argv: list[str] | None = None) -> None:

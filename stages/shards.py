@@ -1,6 +1,6 @@
 """Stage shards: downloaded face images -> Face9M-style 224px WebDataset shards + stats.
 
-    python stages/shards.py --params params.yaml --download data/download --out data/shards \
+    python -m stages.shards --params params.yaml --download data/download --out data/shards \
         [--stats data/shards/stats.json]
 
 Reads every source in ``download.sources`` (in sorted name order, each source's items in the
@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python stages/shards.py` from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.io import atomic_write_json, setup_logging  # noqa: E402
-from pipeline.params import load_params, to_dict  # noqa: E402
-from pipeline.shards import STATS_FILE, build_shards  # noqa: E402
-from pipeline.tracking import start_run  # noqa: E402
+from pipeline.io import atomic_write_json, setup_logging
+from pipeline.params import load_params, to_dict
+from pipeline.shards import STATS_FILE, build_shards
+from pipeline.tracking import start_run
 
 log = logging.getLogger("stages.shards")
 

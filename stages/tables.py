@@ -1,20 +1,18 @@
 """Stage `tables`: the paper's tables and figures from our runs, plus report.html.
 
-    python stages/tables.py --params params.yaml --finetune data/finetune \
+    python -m stages.tables --params params.yaml --finetune data/finetune \
         --probe data/probe --out data/tables
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from pipeline.io import setup_logging, write_run_info  # noqa: E402
-from pipeline.params import load_params, to_dict  # noqa: E402
-from pipeline.tables import build_tables  # noqa: E402
-from pipeline.tracking import start_run  # noqa: E402
+from pipeline.io import setup_logging, write_run_info
+from pipeline.params import load_params, to_dict
+from pipeline.tables import build_tables
+from pipeline.tracking import start_run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -251,7 +251,7 @@ def test_checkpoint_of_another_size_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_stage_script_imports_a_checkpoint(tmp_path):
-    """`python stages/pretrain.py ...` end to end (params, MLflow, outputs) without training."""
+    """`python -m stages.pretrain ...` end to end (params, MLflow, outputs) without training."""
     import os
     import subprocess
     import sys
@@ -275,7 +275,7 @@ def test_stage_script_imports_a_checkpoint(tmp_path):
         env.pop(k, None)
     out = tmp_path / "data" / "pretrain"
     proc = subprocess.run(
-        [sys.executable, "stages/pretrain.py", "--params", str(params), "--shards",
+        [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--shards",
          str(tmp_path / "no-shards"), "--out", str(out / "model"), "--state",
          str(out / "state"), "--metrics", str(out / "metrics.json"), "--loss-csv",
          str(out / "loss.csv")], cwd=repo, env=env, capture_output=True, text=True,
