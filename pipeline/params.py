@@ -51,9 +51,9 @@ def F(default: Any, lo=None, hi=None, *, lo_open=False, hi_open=False, choices=N
 @dataclass(frozen=True)
 class SyntheticParams:
     """The built-in synthetic face data (pipeline/synthetic.py)."""
-    subjects: int = F(12, 3, 500, doc="number of synthetic subjects (AU dataset)")
-    tasks: int = F(4, 1, 8, doc="tasks per subject, named T1..Tn like BP4D")
-    frames_per_task: int = F(25, 2, 10000)
+    subjects: int = F(30, 3, 500, doc="number of synthetic subjects (AU dataset)")
+    tasks: int = F(2, 1, 8, doc="tasks per subject, named T1..Tn like BP4D")
+    frames_per_task: int = F(20, 2, 10000)
     frame_size: int = F(128, 32, 1024, doc="side of the square AU frames in pixels")
     pool_images: int = F(600, 10, 10_000_000, doc="in-the-wild pretraining pool size")
     pool_broken: int = F(7, 0, 1000, doc="corrupt/odd files added to the pool")
@@ -133,10 +133,10 @@ class PretrainParams:
 @dataclass(frozen=True)
 class AugmentParams:
     """Training augmentation of the AU finetuning (timm transforms)."""
-    scale_min: float = F(0.08, 0.0, 1.0, lo_open=True)
+    scale_min: float = F(0.6, 0.0, 1.0, lo_open=True)
     hflip: float = F(0.5, 0.0, 1.0)
-    rand_augment: str = F("rand-m9-mstd0.5-inc1", doc="timm RandAugment spec, '' = off")
-    reprob: float = F(0.25, 0.0, 1.0, doc="RandomErasing probability")
+    rand_augment: str = F("", doc="timm RandAugment spec, '' = off (paper: rand-m9-mstd0.5-inc1)")
+    reprob: float = F(0.1, 0.0, 1.0, doc="RandomErasing probability")
 
 
 @dataclass(frozen=True)
@@ -144,23 +144,23 @@ class FinetuneParams:
     runs: list = F(["synthetic-1", "synthetic-2", "synthetic-3"],
                    doc="<dataset>-<fold>; fold k tests on part k")
     image_size: int = F(64, 16, 1024)
-    epochs: int = F(6, 1, 10000)
+    epochs: int = F(5, 1, 10000)
     warmup_epochs: int = F(1, 0, 10000)
     batch_size: int = F(32, 1, 65536)
-    blr: float = F(5e-4, 0.0, 1.0, lo_open=True)
+    blr: float = F(2e-2, 0.0, 1.0, lo_open=True)
     min_lr: float = F(1e-6, 0.0, 1.0)
     weight_decay: float = F(0.05, 0.0, 1.0)
-    layer_decay: float = F(0.65, 0.0, 1.0, lo_open=True)
+    layer_decay: float = F(0.75, 0.0, 1.0, lo_open=True)
     drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
     id_head_depth: int = F(1, 1, 3, doc="1 = linear ID head (paper), 2/3 = MLP (Table 7)")
     unknown_labels: str = F("mask", choices=("mask", "negative"),
                             doc="BP4D 9 = not coded: masked out, or counted as absent")
     val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,
                             doc="share of training subjects held out for honest selection")
-    save_backbone_epochs: list = F([0, 1, 2, 3, 4, 5, 6],
+    save_backbone_epochs: list = F([0, 1, 2, 3, 5],
                                    doc="epochs whose backbone the identity probe reads")
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
-    num_workers: int = F(2, 0, 256)
+    num_workers: int = F(0, 0, 256)
     augment: AugmentParams = field(default_factory=AugmentParams)
     sweep_lambdas: list = F([], doc="Tables 5-6: extra IAT runs per lambda; [] = skip")
     sweep_id_head_depths: list = F([], doc="Table 7: extra IAT runs per ID head depth")
@@ -189,7 +189,7 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class ProbeParams:
-    frames_per_subject: int = F(100, 2, 100000)
+    frames_per_subject: int = F(20, 2, 100000)
     train_fraction: float = F(0.7, 0.0, 1.0, lo_open=True, hi_open=True)
     epochs: int = F(100, 1, 100000)
     lr: float = F(1e-2, 0.0, 10.0, lo_open=True)

@@ -129,3 +129,11 @@ def test_sweep_needs_runs(tmp_path):
         load_params(write(tmp_path, d))
     d["finetune"]["sweep_runs"] = ["synthetic-1"]
     assert load_params(write(tmp_path, d)).finetune.sweep_lambdas == [0.5, 1]
+
+
+def test_paper_profile_keeps_the_paper_finetuning_recipe():
+    f = load_params(ROOT / "configs" / "paper.yaml").finetune
+    assert (f.blr, f.layer_decay, f.drop_path, f.weight_decay, f.min_lr) == (5e-4, 0.65, 0.1, 0.05, 1e-6)
+    assert (f.augment.scale_min, f.augment.rand_augment, f.augment.reprob) == (
+        0.08, "rand-m9-mstd0.5-inc1", 0.25)
+    assert f.id_head_depth == 1 and load_params(ROOT / "configs" / "paper.yaml").probe.frames_per_subject == 100
