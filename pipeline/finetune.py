@@ -39,6 +39,7 @@ from pipeline import metrics as M
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
 from pipeline.models.vit import build_vit
+from pipeline.schedule import lr_at
 from pipeline.params import FinetuneParams
 
 log = logging.getLogger(__name__)
@@ -270,16 +271,6 @@ def param_groups_lrd(model: AUModel, weight_decay: float, layer_decay: float
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_at(epoch: float, *, lr: float, min_lr: float, warmup_epochs: float, epochs: float
-          ) -> float:
-    """Learning rate at fractional epoch ``epoch``: linear warmup, then half-cycle cosine."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    progress = min((epoch - warmup_epochs) / span, 1.0)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """finetune.amp -> autocast dtype (None = full precision). auto = bf16 on CUDA only."""
     if amp == "off":
@@ -310,8 +301,8 @@ def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.O
         # Workers each end with a partial batch, so the true step count can exceed the
         # estimate by a few: clamp the schedule inside this epoch.
         t = epoch + min(step / steps_per_epoch, 1.0)
-        lr = lr_at(t, lr=base_lr, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
-                   epochs=cfg.epochs)
+        lr = lr_at(t, base_lr=base_lr, min_lr=cfg.min_lr, warmup=cfg.warmup_epochs,
+                   total=cfg.epochs)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x = x.to(device, non_blocking=True)  # (B, 3, S, S)

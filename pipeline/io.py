@@ -70,6 +70,17 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def round_floats(obj: Any, digits: int = 4) -> Any:
+    """Round every float in nested dicts/lists, for readable metrics files."""
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, digits) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, digits)
+    return obj
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

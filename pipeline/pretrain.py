@@ -37,6 +37,7 @@ from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_mean,
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, seed_everything
 from pipeline.models.mae import (MAE, encoder_state_dict, infer_config, is_decoder_key,
                                  load_checkpoint, mae_from_config, save_checkpoint)
+from pipeline.schedule import lr_at
 from pipeline.params import PretrainParams
 from pipeline.tracking import Tracker
 
@@ -53,17 +54,6 @@ LoaderFactory = Callable[..., Iterable]
 
 
 # --------------------------------------------------------------------------- pure pieces
-def lr_at(step: int, *, base_lr: float, min_lr: float, warmup_steps: int,
-          total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0, then a
-    half-cycle cosine from ``base_lr`` down to ``min_lr`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed weight matrices, and everything else (no decay).
 
@@ -427,8 +417,8 @@ def train_mae(shard_dir: Path | None, out: Path | OutputPaths, cfg: PretrainPara
     eff_batch = cfg.batch_size * accum * info.world_size
     base_lr = cfg.blr * eff_batch / 256
     lr_fn = partial(lr_at, base_lr=base_lr, min_lr=cfg.min_lr,
-                    warmup_steps=cfg.warmup_epochs * opt_steps_per_epoch,
-                    total_steps=cfg.epochs * opt_steps_per_epoch)
+                    warmup=cfg.warmup_epochs * opt_steps_per_epoch,
+                    total=cfg.epochs * opt_steps_per_epoch)
 
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's at wrapping).
     seed_everything(seed)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.io import atomic_path, atomic_write_json, read_json
+from pipeline.io import atomic_path, atomic_write_json, read_json, round_floats
 from pipeline.models.vit import build_vit
 from pipeline.params import ProbeParams, parse_run
 
@@ -438,16 +438,7 @@ def _headline(results: dict[str, dict[str, dict]]) -> dict:
                 d[variant]["epoch1"] = float(np.mean(v["epoch1"]))
         if "fmae" in d and "iat" in d:
             d["iat_minus_fmae"] = d["iat"]["final"] - d["fmae"]["final"]
-    return _rounded(out)
-
-
-def _rounded(obj, digits: int = 4):
-    """Round floats for a readable ``dvc metrics show``."""
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, float):
-        return round(obj, digits)
-    return obj
+    return round_floats(out)
 
 
 def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | Path,

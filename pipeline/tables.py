@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import published
-from pipeline.io import atomic_path, atomic_write_json, read_json
+from pipeline.io import atomic_path, atomic_write_json, read_json, round_floats
 from pipeline.params import MODEL_SIZES, Params, ParamsError, parse_run
 from pipeline.report import Section, Table, write_report, write_table
 
@@ -584,15 +584,6 @@ def _summary_table(f1: dict, probe: dict, show_published: bool) -> Table:
     return t
 
 
-def _rounded(obj, digits: int = 4):
-    """Round floats for a readable ``dvc metrics show`` (F1 in percent: 4 decimals is plenty)."""
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, float):
-        return round(obj, digits)
-    return obj
-
-
 def _flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
@@ -664,7 +655,7 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
     figures["model_size"] = out_dir / "figure2_model_size.png"
     plot_model_size(size_points, figures["model_size"], show_pub)
 
-    metrics = _rounded({"f1": f1_headline, "probe": probe_headline})
+    metrics = round_floats({"f1": f1_headline, "probe": probe_headline})
     atomic_write_json(out_dir / "metrics.json", metrics)
 
     # ------------------------------------------------------------------ report
@@ -719,4 +710,3 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
     tracker.log_metrics(_flat_metrics(metrics))
     log.info("tables: %d files, %d figures, report %s", len(written), len(figures), report)
     return metrics
-

@@ -16,7 +16,7 @@ from pipeline.models import vit
 from pipeline.models.mae import MAE, load_checkpoint, mae_from_config
 from pipeline.distributed import DistInfo
 from pipeline.params import PretrainParams
-from pipeline.pretrain import (MapSample, lr_at, param_groups, pretrain, resolve_amp,
+from pipeline.pretrain import (MapSample, param_groups, pretrain, resolve_amp,
                                train_mae)
 
 IMG = 32
@@ -71,19 +71,6 @@ def tiny_cfg(**kw) -> PretrainParams:
 
 
 # --------------------------------------------------------------------------- pure pieces
-def test_lr_schedule_warmup_then_half_cosine():
-    kw = dict(base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
-    assert lr_at(0, **kw) == 0.0
-    assert lr_at(5, **kw) == pytest.approx(0.5)
-    assert lr_at(10, **kw) == pytest.approx(1.0)
-    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
-    assert lr_at(110, **kw) == pytest.approx(0.1)
-    after = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(after, after[1:]))
-    assert lr_at(3, base_lr=2.0, min_lr=0.0, warmup_steps=0, total_steps=4) == \
-        pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
-
-
 def test_no_weight_decay_on_biases_norms_and_tokens():
     model = MAE(SIZE, img_size=IMG, patch_size=8, decoder_dim=32, decoder_depth=1,
                 decoder_heads=2)
