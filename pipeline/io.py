@@ -111,7 +111,9 @@ def git_commit(cwd: str | Path | None = None) -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # dvc.lock is rewritten by every `dvc repro`: it is not a code change
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)dvc.lock"],
                                cwd=cwd, capture_output=True, text=True, timeout=10).stdout
         return rev + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
