@@ -70,6 +70,15 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def round_floats(obj: Any, digits: int = 4) -> Any:
     """Round every float in nested dicts/lists, for readable metrics files."""
     if isinstance(obj, dict):

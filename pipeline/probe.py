@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.io import atomic_path, atomic_write_json, read_json, round_floats
+from pipeline.io import atomic_write_json, read_json, round_floats, save_figure
 from pipeline.models.vit import build_vit
 from pipeline.params import ProbeParams, parse_run
 
@@ -372,9 +372,7 @@ def plot_identity_vs_epoch(results: dict[str, dict[str, dict]], path: Path) -> N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_tsne(features: dict[str, np.ndarray], frames: ProbeFrames, n_subjects: int,
@@ -408,9 +406,7 @@ def plot_tsne(features: dict[str, np.ndarray], frames: ProbeFrames, n_subjects: 
         ax.set(title=f"{VARIANT_NAMES.get(variant, variant)}", xticks=[], yticks=[])
     fig.suptitle(f"{title}: t-SNE of final-epoch backbone features, {k} subjects")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- stage entry

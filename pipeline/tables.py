@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import published
-from pipeline.io import atomic_path, atomic_write_json, read_json, round_floats
+from pipeline.io import atomic_write_json, read_json, round_floats, save_figure
 from pipeline.params import MODEL_SIZES, Params, ParamsError, parse_run
 from pipeline.report import Section, Table, write_report, write_table
 
@@ -513,9 +513,7 @@ def plot_model_size(points: list[dict], path: Path, show_published: bool) -> Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- Figure 5
@@ -555,9 +553,7 @@ def plot_f1_dynamics(ds: str, by_variant: dict[str, list[RunResult]], path: Path
         ax.legend(fontsize=8)
     fig.suptitle(f"{DATASET_NAMES.get(ds, ds)}: F1 during AU training (Figure 5)")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
