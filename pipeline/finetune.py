@@ -5,10 +5,15 @@ measured):
 
 - model: :class:`pipeline.models.au_model.AUModel` on the pretrained encoder (mean-pooled
   patch tokens + fc_norm); variant ``fmae`` has only the AU head, ``iat`` adds the gradient
-  reversal layer (strength lambda) and an ID head over the fold's *training* subjects;
+  reversal layer (strength lambda) and an ID head. By default the ID head is the reference's:
+  one class per subject of the whole dataset (``finetune.id_classes: dataset``), one-hot BCE
+  (``id_loss: bce``), PyTorch's default init (``id_head_init: default``);
+- the position embedding (fixed sin-cos in pretraining) is trainable here, in the lowest
+  layer-decay group, as in the reference (timm's ViT makes it a parameter);
 - optimiser: AdamW (default betas), weight decay 0.05 except biases/norms/pos/cls, layer-wise
   lr decay, ``lr = blr * batch / 256``, per-iteration linear warmup then half-cycle cosine to
-  ``min_lr``, no gradient clipping, bf16 autocast where allowed;
+  ``min_lr``, no gradient clipping, bf16 autocast where allowed; the last partial training
+  batch is dropped (the reference's ``drop_last=True``);
 - data: AU WebDataset shards (docs/design.md ``au_shards`` contract), timm training transform
   (RandomResizedCrop, flip, RandAugment, RandomErasing), plain bicubic resize for evaluation;
 - every epoch: evaluate the fold's test subjects (and a validation split of training subjects
@@ -82,6 +87,29 @@ def read_au_meta(au_dir: Path, dataset: str, fold: int) -> dict:
                          f"{sorted(meta['parts'], key=str)} (fold k tests on part k); fix "
                          "finetune.runs")
     return meta
+
+
+def identity_classes(meta: dict, train_subjects: list[str], which: str) -> dict[str, int]:
+    """Subject -> ID-head class index.
+
+    Args:
+        meta: the AU shards' ``meta.json`` (``subjects`` lists every subject of the dataset).
+        train_subjects: the fold's training subjects.
+        which: ``dataset`` = one class per subject of the whole dataset (the reference: 41 on
+            BP4D, 140 on BP4D+, 27 on DISFA; test subjects' classes only see target 0), or
+            ``train`` = the fold's training subjects only.
+    """
+    if which == "train":
+        return {s: i for i, s in enumerate(sorted(train_subjects))}
+    if which != "dataset":
+        raise ValueError(f"finetune.id_classes: {which!r} is not one of dataset, train")
+    everyone = [str(s) for s in meta.get("subjects") or []]
+    missing = sorted(set(train_subjects) - set(everyone))
+    if not everyone or missing:
+        raise ValueError(f"meta.json 'subjects' does not list the training subjects "
+                         f"{missing[:5] or train_subjects[:5]}; rebuild the AU shards "
+                         "(`dvc repro au_shards`)")
+    return {s: i for i, s in enumerate(sorted(everyone))}
 
 
 # --------------------------------------------------------------------------- data
@@ -232,10 +260,17 @@ class AUShardStream(IterableDataset):
         return self.transform(img), labels, ident, sample["__key__"], subject
 
 
-def make_loader(ds: AUShardStream, batch_size: int, num_workers: int, pin: bool) -> DataLoader:
+def make_loader(ds: AUShardStream, batch_size: int, num_workers: int, pin: bool,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader over a shard stream.
+
+    ``drop_last`` drops each worker's partial last batch (with 0 workers: exactly the
+    reference's ``drop_last=True``; with n workers up to n partial batches).
+    """
     # No persistent workers: workers copy the dataset when an epoch starts, which is how the
     # new epoch number (and so the new shuffle) reaches them.
-    return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
+    return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=pin,
+                      drop_last=drop_last)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -461,13 +496,13 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     train_urls, train_subjects, n_train = splits["train"]
     if n_train == 0 or not train_urls:
         raise ValueError(f"{au_dir}: fold {fold} has no training samples")
-    subject_ids = {s: i for i, s in enumerate(sorted(train_subjects))}
+    subject_ids = identity_classes(meta, train_subjects, cfg.id_classes)
     t_train, t_eval = build_transforms(cfg)
     neg = cfg.unknown_labels == "negative"
     pin = device.type == "cuda"
     train_ds = AUShardStream(train_urls, aus, t_train, subject_ids=subject_ids,
                              unknown_as_negative=neg, shuffle=True, seed=seed)
-    train_loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin)
+    train_loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, drop_last=True)
     eval_loaders = {name: (make_loader(AUShardStream(urls, aus, t_eval, unknown_as_negative=neg),
                                        cfg.batch_size, cfg.num_workers, pin), n)
                     for name, (urls, _subs, n) in splits.items() if name != "train"}
@@ -479,8 +514,10 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     # ---- model
     state = _load_checkpoint(pretrained, model_size, patch_size, cfg.image_size)
     encoder = build_vit(model_size, cfg.image_size, patch_size, cfg.drop_path, global_pool="avg")
+    encoder.pos_embed.requires_grad_(True)  # trainable in finetuning, as the reference
     model = AUModel(encoder, len(aus), n_ids=len(subject_ids) if iat else 0,
-                    id_head_depth=cfg.id_head_depth, lambda_=lambda_ if iat else 0.0)
+                    id_head_depth=cfg.id_head_depth, lambda_=lambda_ if iat else 0.0,
+                    id_loss=cfg.id_loss, id_head_init=cfg.id_head_init)
     load_pretrained_encoder(model, state)
     model.to(device)
     backbone_config = {"model_size": model_size, "img_size": cfg.image_size,
@@ -492,7 +529,10 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay),
                                   lr=base_lr)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    steps_per_epoch = n_train // cfg.batch_size  # partial last batch dropped
+    if steps_per_epoch == 0:
+        raise ValueError(f"{au_dir}: fold {fold} has {n_train} training frames, fewer than one "
+                         f"batch (finetune.batch_size = {cfg.batch_size}); lower the batch size")
     log.info("lr %.3g (blr %.3g x batch %d / 256), %d steps/epoch, %d epochs, amp %s, "
              "device %s", base_lr, cfg.blr, cfg.batch_size, steps_per_epoch, cfg.epochs,
              amp, device)
@@ -564,6 +604,10 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         "dataset": dataset, "fold": fold, "variant": variant,
         "lambda": float(lambda_) if iat else 0.0,
         "id_head_depth": cfg.id_head_depth if iat else None,
+        "id_loss": cfg.id_loss if iat else None,
+        "id_classes": cfg.id_classes if iat else None,
+        "id_head_init": cfg.id_head_init if iat else None,
+        "n_id_classes": len(subject_ids) if iat else None,
         "aus": aus,
         "final": M.final_summary(epochs),
         "paper_protocol": M.paper_protocol_summary(epochs),

@@ -55,17 +55,17 @@ LoaderFactory = Callable[..., Iterable]
 
 # --------------------------------------------------------------------------- pure pieces
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and everything else (no decay).
+    """Two AdamW groups: decayed tensors, and 1-D tensors and biases (no decay).
 
-    No decay on 1-D tensors (biases, LayerNorm) and on position embeddings and the cls and
-    mask tokens (their names); frozen parameters (the fixed sin-cos embeddings) are left out.
+    As the MAE reference (timm 0.3.2's ``add_weight_decay``): only 1-D tensors (LayerNorm)
+    and biases skip weight decay, so ``cls_token`` and ``mask_token`` (3-D) are decayed;
+    frozen parameters (the fixed sin-cos position embeddings) are left out.
     """
-    no_decay_names = {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
     decay, no_decay = [], []
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in no_decay_names:
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pipeline.models import vit
-from pipeline.models.au_model import (AUModel, GradientReversal, GradReverse,
-                                      load_pretrained_encoder, masked_bce_with_logits)
+from pipeline.models.au_model import (AUModel, GradientReversal, GradReverse, build_id_head,
+                                      identity_loss, load_pretrained_encoder,
+                                      masked_bce_with_logits)
 
 TINY = vit.ViTSize(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 
@@ -92,8 +93,11 @@ def test_positive_lambda_changes_backbone_gradient():
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_every_parameter_gets_a_gradient(depth):
     model = AUModel(_encoder(drop_path=0.1), n_aus=3, n_ids=4, id_head_depth=depth, lambda_=1.0)
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.id_head.modules())
-    assert n_linear == depth
+    linears = [m for m in model.id_head.modules() if isinstance(m, torch.nn.Linear)]
+    # The authors' ablation heads: D -> D/2 (-> D/4) -> n_ids, GELU between.
+    assert [(m.in_features, m.out_features) for m in linears] == \
+        [(32, 4)] if depth == 1 else ([(32, 16), (16, 4)] if depth == 2
+                                     else [(32, 16), (16, 8), (8, 4)])
     x, labels, ids = _batch()
     labels[0] = 1  # at least one known label per AU
     out = model(x, labels, ids)
@@ -173,3 +177,80 @@ def test_encoder_without_avg_pool_rejected():
     enc = vit.build_vit("tiny", 16, 8, global_pool="token")
     with pytest.raises(ValueError, match="global_pool='avg'"):
         AUModel(enc, n_aus=3)
+
+
+# --------------------------------------------------------------------------- identity branch
+# A 3-subject toy worked by hand: logits z with sigmoid(z) in {0.25, 0.5, 0.75}.
+LN3 = float(torch.log(torch.tensor(3.0)))
+TOY_Z = torch.tensor([[0.0, LN3, -LN3], [LN3, 0.0, 0.0]])
+TOY_IDS = torch.tensor([0, 2])
+
+
+def test_bce_one_hot_identity_loss_and_gradient_by_hand():
+    z = TOY_Z.clone().requires_grad_(True)
+    loss = identity_loss(z, TOY_IDS, "bce")
+    # Per element softplus(z) - y*z. Row 0 (target [1,0,0]): ln2, ln4, ln(4/3);
+    # row 1 (target [0,0,1]): ln4, ln2, ln2. Mean over batch x classes = (9 ln2 - ln3) / 6.
+    ln2 = float(torch.log(torch.tensor(2.0)))
+    assert loss.item() == pytest.approx((9 * ln2 - LN3) / 6, abs=1e-6)
+    loss.backward()
+    # d/dz = (sigmoid(z) - y) / (B * C)
+    want = torch.tensor([[0.5 - 1, 0.75, 0.25], [0.75, 0.5, 0.5 - 1]]) / 6
+    assert torch.allclose(z.grad, want, atol=1e-6)
+
+
+def test_cross_entropy_option_by_hand():
+    z = TOY_Z.clone().requires_grad_(True)
+    loss = identity_loss(z, TOY_IDS, "ce")
+    # Row 0: exp = [1, 3, 1/3] -> -log(1 / (13/3)) = log(13/3); row 1: [3, 1, 1] -> log 5.
+    want = (torch.log(torch.tensor(13 / 3)) + torch.log(torch.tensor(5.0))) / 2
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="id_loss"):
+        identity_loss(z, TOY_IDS, "focal")
+
+
+def test_reversed_gradient_reaching_the_features_is_minus_lambda_g_w():
+    """Features -> GRL(lambda) -> linear ID head W (no bias): dL/df = -lambda (dL/dz) W."""
+    lam = 2.0
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+    feats = torch.tensor([[0.5, -1.0], [2.0, 0.0]], requires_grad=True)
+    z = head(GradientReversal(lam)(feats))
+    identity_loss(z, TOY_IDS, "bce").backward()
+    g = (torch.sigmoid(z.detach()) - torch.nn.functional.one_hot(TOY_IDS, 3)) / 6  # (2, 3)
+    assert torch.allclose(feats.grad, -lam * g @ head.weight.detach(), atol=1e-6)
+
+
+def test_id_head_init_default_is_pytorch_linear_and_small_is_tiny():
+    torch.manual_seed(3)
+    default = build_id_head(64, 5, 1, "default")
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(64, 5)
+    assert torch.equal(default.weight, ref.weight) and torch.equal(default.bias, ref.bias)
+    small = build_id_head(64, 5, 1, "small")
+    assert small.weight.abs().max() < 1e-4 and small.bias.abs().max() == 0
+    with pytest.raises(ValueError, match="id_head_init"):
+        build_id_head(64, 5, 1, "zeros")
+
+
+def test_default_init_sends_far_more_reversed_gradient_than_small_init():
+    """The reference's default-initialised ID head is what makes lambda mean the paper's lambda."""
+    x, labels, ids = _batch()
+    norms = {}
+    for init in ("default", "small"):
+        model = AUModel(_encoder(), n_aus=3, n_ids=4, lambda_=1.0, id_head_init=init)
+        out = model(x, labels, ids)
+        # the gradient the backbone receives from the ID branch (through the reversal layer)
+        (grad,) = torch.autograd.grad(out["id_loss"], out["features"])
+        norms[init] = grad.norm().item()
+    assert norms["default"] > 100 * norms["small"] > 0
+
+
+def test_au_head_matches_the_reference_init():
+    torch.manual_seed(0)
+    model = AUModel(_encoder(), n_aus=3)
+    w, b = model.au_head.weight, model.au_head.bias
+    assert w.abs().max() < 1e-4  # trunc-normal std 2e-5
+    bound = 1 / (32 ** 0.5)  # nn.Linear's default bias: U(-1/sqrt(D), 1/sqrt(D))
+    assert b.abs().max() <= bound and b.abs().max() > 1e-3

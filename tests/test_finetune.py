@@ -86,17 +86,19 @@ def cfg(**kw) -> FinetuneParams:
 
 
 def test_layer_decay_groups():
-    model = AUModel(vit.build_vit("tiny", 32, 8, global_pool="avg"), n_aus=3, n_ids=4)
+    enc = vit.build_vit("tiny", 32, 8, global_pool="avg")
+    enc.pos_embed.requires_grad_(True)  # as finetune() does (the reference trains it)
+    model = AUModel(enc, n_aus=3, n_ids=4)
     groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
     seen = Counter(n for g in groups for n in g["names"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(seen) == trainable and max(seen.values()) == 1
-    assert "encoder.pos_embed" not in seen  # fixed sin-cos, frozen
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
     L = 2
     assert scale["encoder.patch_embed.proj.weight"] == 0.5 ** (L + 1)
     assert scale["encoder.cls_token"] == 0.5 ** (L + 1)
+    assert scale["encoder.pos_embed"] == 0.5 ** (L + 1) and wd["encoder.pos_embed"] == 0.0
     assert scale["encoder.blocks.0.attn.qkv.weight"] == 0.5 ** L
     assert scale["encoder.blocks.1.mlp.fc1.weight"] == 0.5 ** (L - 1)
     for n in ("encoder.fc_norm.weight", "au_head.weight", "id_head.weight"):
@@ -159,7 +161,8 @@ def test_checkpoint_image_size_mismatch(tmp_path):
 def _check_outputs(out: Path, variant: str, n_epochs: int, n_test: int, with_val: bool):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) == {"dataset", "fold", "variant", "lambda", "id_head_depth", "aus", "final",
-                      "paper_protocol", "val_selected", "final_id_loss", "convergence_epoch"}
+                      "paper_protocol", "val_selected", "final_id_loss", "convergence_epoch",
+                      "id_loss", "id_classes", "id_head_init", "n_id_classes"}
     assert m["variant"] == variant and m["aus"] == AUS and m["dataset"] == "synthetic"
     assert set(m["final"]) == {"f1_mean", "auc_mean", "f1", "auc", "epoch"}
     assert m["final"]["epoch"] == n_epochs and set(m["final"]["f1"]) == {"AU1", "AU2", "AU4"}
@@ -206,6 +209,9 @@ def test_end_to_end_fmae_with_workers(tmp_path):
     ref = torch.load(ckpt, weights_only=True)["model"]
     assert torch.equal(b0["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
     assert not torch.equal(b2["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
+    # The position embedding starts from the pretrained sin-cos one and is trained.
+    assert torch.equal(b0["pos_embed"], ref["pos_embed"])
+    assert not torch.equal(b2["pos_embed"], ref["pos_embed"])
 
 
 def test_end_to_end_iat_with_validation(tmp_path):
@@ -216,10 +222,47 @@ def test_end_to_end_iat_with_validation(tmp_path):
                  fold=2, variant="iat", lambda_=1.0, model_size="tiny", patch_size=8, seed=0)
     _, hist = _check_outputs(out, "iat", 2, n_test=2 * FRAMES, with_val=True)
     assert m["lambda"] == 1.0 and m["id_head_depth"] == 2
-    # 4 training subjects minus 1 for validation -> 3 identity classes.
+    # The reference's identity branch: one-hot BCE over every subject of the dataset.
+    assert (m["id_loss"], m["id_classes"], m["id_head_init"], m["n_id_classes"]) == \
+        ("bce", "dataset", "default", len(SUBJECTS))
     assert m["final_id_loss"] == pytest.approx(hist["id_loss"].iloc[-1])
-    assert 0 < m["final_id_loss"] < 3 * math.log(3)
+    assert 0 < m["final_id_loss"] < math.log(2) + 0.2  # per-element BCE starts near ln 2
     assert hist["id_acc"].between(0, 1).all()
+
+
+def test_iat_with_cross_entropy_over_training_subjects(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "iat" / "synthetic-2"
+    m = finetune(au_dir, ckpt, out, cfg(val_fraction=0.3, id_loss="ce", id_classes="train",
+                                        id_head_init="small"),
+                 dataset="synthetic", fold=2, variant="iat", lambda_=1.0, model_size="tiny",
+                 patch_size=8, seed=0)
+    # 4 training subjects minus 1 for validation -> 3 identity classes.
+    assert (m["id_loss"], m["id_classes"], m["n_id_classes"]) == ("ce", "train", 3)
+    assert 0 < m["final_id_loss"] < 3 * math.log(3)
+
+
+def test_training_drops_the_partial_last_batch(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    # fold 1 trains on 4 subjects x 6 frames = 24 frames: batches of 10 -> 2 full, 4 dropped
+    seen = []
+    from pipeline import finetune as ft
+    real = ft.train_one_epoch
+
+    def spy(model, loader, *a, **kw):
+        sizes = [x.shape[0] for x, *_ in loader]
+        seen.append(sizes)
+        return real(model, loader, *a, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(ft, "train_one_epoch", spy):
+        finetune(au_dir, ckpt, tmp_path / "out", cfg(batch_size=10, epochs=1, warmup_epochs=0,
+                                                     save_backbone_epochs=[]),
+                 dataset="synthetic", fold=1, variant="fmae", lambda_=0.0, model_size="tiny",
+                 patch_size=8, seed=0)
+    assert seen == [[10, 10]]
 
 
 def test_stage_script(tmp_path, monkeypatch):

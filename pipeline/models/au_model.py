@@ -6,13 +6,25 @@ method.md section 3):
 - backbone: the pretrained ViT encoder with mean pooling over patch tokens (CLS excluded)
   followed by a fresh LayerNorm ``fc_norm``; the encoder's final ``norm`` is dropped
   (timm ``global_pool="avg", fc_norm=True``);
-- AU head: ``Linear(D, n_aus)``, weights trunc-normal with std 2e-5, trained with
-  BCE-with-logits over the *known* labels only (-1 = not coded is masked out);
+- AU head: ``Linear(D, n_aus)``, weights trunc-normal with std 2e-5 and PyTorch's default
+  bias (the reference re-initialises only the weight), trained with BCE-with-logits over the
+  *known* labels only (-1 = not coded is masked out);
 - IAT: the same pooled feature passes a gradient reversal layer (identity forward, gradient
-  times ``-lambda`` backward, Ganin & Lempitsky 2015) into an ID head trained with
-  cross-entropy over the fold's training subjects. The total loss is ``au_loss + id_loss``:
-  the ID head learns identity normally while the backbone receives the *reversed* identity
-  gradient, so lambda acts only through the reversal.
+  times ``-lambda`` backward, Ganin & Lempitsky 2015) into an ID head. The total loss is
+  ``au_loss + id_loss``: the ID head learns identity normally while the backbone receives the
+  *reversed* identity gradient, so lambda acts only through the reversal.
+
+The identity branch follows the authors' code by default (method.md section 3):
+
+- ``id_loss="bce"``: BCE-with-logits on one-hot targets, averaged over batch x classes, with
+  one class per subject of the *whole dataset* (test subjects' classes only ever see the
+  target 0). ``"ce"`` is softmax cross-entropy (what the paper's text says);
+- ``id_head_init="default"``: PyTorch's ``nn.Linear`` initialisation; ``"small"`` starts the
+  ID head's output layer at trunc-normal std 2e-5 like the AU head, which sends 100x less
+  reversed gradient at step 0, so lambda values are not comparable with the paper's.
+
+The MLP ID heads of Table 7 follow the authors' ablation branch: hidden widths D/2 (and D/4)
+with GELU.
 
 ``forward`` returns a dict (dinov2 style) so the training loop backpropagates ``out["loss"]``
 and logs every other scalar.
@@ -20,6 +32,7 @@ and logs every other scalar.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -72,30 +85,59 @@ class GradientReversal(nn.Module):
         return f"lambda_={self.lambda_}"
 
 
-def _init_small_linear(layer: nn.Linear, std: float) -> nn.Linear:
-    nn.init.trunc_normal_(layer.weight, std=std)
-    nn.init.zeros_(layer.bias)
-    return layer
+ID_LOSSES = ("bce", "ce")
+ID_HEAD_INITS = ("default", "small", "prior")
 
 
-def build_id_head(dim: int, n_ids: int, depth: int = 1) -> nn.Module:
+def build_id_head(dim: int, n_ids: int, depth: int = 1, init: str = "default") -> nn.Module:
     """ID classifier on pooled features (Table 7 ablation).
 
     Args:
         dim: feature width D.
         n_ids: number of identity classes.
-        depth: 1 = ``Linear(D, n_ids)`` (paper default); 2 or 3 = MLP with ``depth - 1``
-            hidden layers of width D and GELU.
+        depth: 1 = ``Linear(D, n_ids)`` (paper default); 2 = ``D -> D/2 -> n_ids``;
+            3 = ``D -> D/2 -> D/4 -> n_ids`` (GELU between layers, as the authors' ablation).
+        init: ``default`` (PyTorch's nn.Linear init, the reference); ``small`` (output
+            layer trunc-normal std 2e-5, bias 0); ``prior`` (default weights, output bias
+            ``log(1 / (n_ids - 1))`` so every one-hot BCE logit starts at the class prior
+            1 / n_ids, which the reference's head only reaches after many thousand steps).
     """
     if depth not in (1, 2, 3):
         raise ValueError(f"id_head_depth must be 1, 2 or 3, got {depth!r}")
+    if init not in ID_HEAD_INITS:
+        raise ValueError(f"id_head_init must be one of {ID_HEAD_INITS}, got {init!r}")
+    widths = [dim, dim // 2, dim // 4][:depth] + [n_ids]
     layers: list[nn.Module] = []
-    for _ in range(depth - 1):
-        layers += [_init_small_linear(nn.Linear(dim, dim), 0.02), nn.GELU()]
-    # The output layer starts near zero (like the AU head) so the first reversed gradients
-    # are small and the initial ID loss is log(n_ids).
-    layers.append(_init_small_linear(nn.Linear(dim, n_ids), 2e-5))
+    for i in range(depth):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < depth - 1:
+            layers.append(nn.GELU())
+    if init == "small":
+        nn.init.trunc_normal_(layers[-1].weight, std=2e-5)
+        nn.init.zeros_(layers[-1].bias)
+    elif init == "prior":
+        nn.init.constant_(layers[-1].bias, -math.log(max(n_ids - 1, 1)))
     return layers[0] if depth == 1 else nn.Sequential(*layers)
+
+
+def identity_loss(logits: torch.Tensor, ids: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Identity loss of the ID head.
+
+    Args:
+        logits: (B, C) ID logits, one class per identity.
+        ids: (B,) class indices in [0, C).
+        kind: ``bce`` = mean over B x C of BCE-with-logits against one-hot targets (the
+            authors' code); ``ce`` = softmax cross-entropy (the paper's text).
+
+    Returns:
+        scalar loss.
+    """
+    if kind == "bce":
+        target = F.one_hot(ids, logits.shape[1]).to(logits.dtype)  # (B, C)
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if kind == "ce":
+        return F.cross_entropy(logits, ids)
+    raise ValueError(f"id_loss must be one of {ID_LOSSES}, got {kind!r}")
 
 
 def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -125,10 +167,12 @@ class AUModel(nn.Module):
         n_ids: number of identity classes; 0 = no ID head (plain FMAE finetuning).
         id_head_depth: 1 (linear, paper) or 2/3 (MLP, Table 7).
         lambda_: gradient reversal strength (only used when ``n_ids > 0``).
+        id_loss: ``bce`` (reference: one-hot BCE) or ``ce`` (cross-entropy).
+        id_head_init: ``default`` (reference) or ``small``.
     """
 
     def __init__(self, encoder: nn.Module, n_aus: int, n_ids: int = 0, id_head_depth: int = 1,
-                 lambda_: float = 0.0):
+                 lambda_: float = 0.0, id_loss: str = "bce", id_head_init: str = "default"):
         super().__init__()
         if getattr(encoder, "global_pool", "avg") != "avg" or not isinstance(
                 getattr(encoder, "fc_norm", None), nn.LayerNorm):
@@ -137,13 +181,17 @@ class AUModel(nn.Module):
                              "build_vit(..., global_pool='avg')")
         if n_aus < 1:
             raise ValueError(f"AUModel: n_aus must be >= 1, got {n_aus}")
+        if id_loss not in ID_LOSSES:
+            raise ValueError(f"AUModel: id_loss must be one of {ID_LOSSES}, got {id_loss!r}")
         self.encoder = encoder
         dim = encoder.embed_dim
-        self.au_head = _init_small_linear(nn.Linear(dim, n_aus), 2e-5)
+        self.au_head = nn.Linear(dim, n_aus)
+        nn.init.trunc_normal_(self.au_head.weight, std=2e-5)  # bias: nn.Linear's default
         self.n_ids = int(n_ids)
+        self.id_loss = id_loss
         if self.n_ids > 0:
             self.grl = GradientReversal(lambda_)
-            self.id_head = build_id_head(dim, self.n_ids, id_head_depth)
+            self.id_head = build_id_head(dim, self.n_ids, id_head_depth, id_head_init)
         else:
             self.grl = None
             self.id_head = None
@@ -178,7 +226,7 @@ class AUModel(nn.Module):
         loss = au_loss
         if self.id_head is not None and ids is not None:
             id_logits = out["id_logits"].float()
-            id_loss = F.cross_entropy(id_logits, ids)
+            id_loss = identity_loss(id_logits, ids, self.id_loss)
             out["id_loss"] = id_loss
             out["id_acc"] = (id_logits.argmax(dim=1) == ids).float().mean()
             # Plain sum: the reversal layer already carries lambda (paper eq. 3).
