@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-MODEL_SIZES = ("tiny", "small", "base", "large", "huge")
+MODEL_SIZES = ("mini", "tiny", "small", "base", "large", "huge")
 
 # Sources the download stage knows (see pipeline/sources.py for how each is obtained).
 PRETRAIN_SOURCES = (
@@ -76,7 +76,7 @@ class DownloadParams:
 
 @dataclass(frozen=True)
 class ShardsParams:
-    image_size: int = F(224, 16, 4096, doc="every kept image is resized to this square size")
+    image_size: int = F(64, 16, 4096, doc="every kept image is resized to this square size")
     max_aspect_ratio: float = F(1.5, 1.0, 100.0, doc="drop when w/h or h/w is above this")
     jpeg_quality: int = F(95, 1, 100)
     samples_per_shard: int = F(256, 1, 10_000_000)
@@ -86,7 +86,7 @@ class ShardsParams:
 
 @dataclass(frozen=True)
 class AuShardsParams:
-    image_size: int = F(224, 16, 4096)
+    image_size: int = F(64, 16, 4096)
     jpeg_quality: int = F(95, 1, 100)
     samples_per_shard: int = F(5000, 1, 10_000_000)
     disfa_camera: str = F("right", choices=("left", "right"))
@@ -99,14 +99,14 @@ class AuShardsParams:
 class PretrainParams:
     checkpoint: str = F("", doc="non-empty: skip pretraining and use this checkpoint file")
     image_size: int = F(64, 16, 1024)
-    patch_size: int = F(8, 2, 64)
+    patch_size: int = F(16, 2, 64)
     decoder_dim: int = F(128, 8, 4096)
     decoder_depth: int = F(2, 1, 64)
     decoder_heads: int = F(4, 1, 64)
     mask_ratio: float = F(0.75, 0.0, 1.0, hi_open=True)
     norm_pix_loss: bool = F(True)
-    epochs: int = F(8, 1, 10000)
-    warmup_epochs: int = F(1, 0, 10000)
+    epochs: int = F(40, 1, 10000)
+    warmup_epochs: int = F(2, 0, 10000)
     steps_per_epoch: int = F(0, 0, doc="0 = shard samples / global batch")
     batch_size: int = F(64, 1, 65536, doc="per-process batch")
     accum_iter: int = F(1, 1, 1024)
@@ -144,20 +144,28 @@ class FinetuneParams:
     runs: list = F(["synthetic-1", "synthetic-2", "synthetic-3"],
                    doc="<dataset>-<fold>; fold k tests on part k")
     image_size: int = F(64, 16, 1024)
-    epochs: int = F(5, 1, 10000)
+    epochs: int = F(8, 1, 10000)
     warmup_epochs: int = F(1, 0, 10000)
     batch_size: int = F(32, 1, 65536)
-    blr: float = F(2e-2, 0.0, 1.0, lo_open=True)
+    blr: float = F(5e-3, 0.0, 1.0, lo_open=True)
     min_lr: float = F(1e-6, 0.0, 1.0)
     weight_decay: float = F(0.05, 0.0, 1.0)
     layer_decay: float = F(0.75, 0.0, 1.0, lo_open=True)
     drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
     id_head_depth: int = F(1, 1, 3, doc="1 = linear ID head (paper), 2/3 = MLP (Table 7)")
+    id_loss: str = F("bce", choices=("bce", "ce"),
+                     doc="ID loss: one-hot BCE (authors' code) or cross-entropy (paper text)")
+    id_classes: str = F("dataset", choices=("dataset", "train"),
+                        doc="ID classes: every subject of the dataset (reference) or the "
+                            "fold's training subjects")
+    id_head_init: str = F("default", choices=("default", "small", "prior"),
+                          doc="ID head init: nn.Linear default (reference), trunc-normal 2e-5, "
+                              "or default with the output bias at the class prior")
     unknown_labels: str = F("mask", choices=("mask", "negative"),
                             doc="BP4D 9 = not coded: masked out, or counted as absent")
     val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,
                             doc="share of training subjects held out for honest selection")
-    save_backbone_epochs: list = F([0, 1, 2, 3, 5],
+    save_backbone_epochs: list = F([0, 1, 4, 8],
                                    doc="epochs whose backbone the identity probe reads")
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
     num_workers: int = F(0, 0, 256)
@@ -189,13 +197,24 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class ProbeParams:
-    frames_per_subject: int = F(20, 2, 100000)
+    """Identity probes (pipeline/probe.py). The authors' recipe trains with the finetuning
+    optimiser, augmentation and drop path (``finetune.*``) for ``epochs``."""
+    frames_per_subject: int = F(20, 2, 100000, doc="paper: 100 (70 train / 30 test)")
     train_fraction: float = F(0.7, 0.0, 1.0, lo_open=True, hi_open=True)
-    epochs: int = F(100, 1, 100000)
-    lr: float = F(1e-2, 0.0, 10.0, lo_open=True)
-    batch_size: int = F(256, 1, 65536)
+    epochs: int = F(20, 1, 100000, doc="authors' recipe: 20")
+    warmup_epochs: int = F(2, 0, 100000, doc="authors' recipe: 2")
+    converged_max_iter: int = F(2000, 10, 1_000_000,
+                                doc="L-BFGS iteration cap of the converged probe")
+    underfit_below: float = F(90.0, 0.0, 100.0,
+                              doc="a probe whose training accuracy (%) is below this is "
+                                  "flagged as underfitting")
+    batch_size: int = F(256, 1, 65536, doc="feature-extraction batch (no effect on results)")
     tsne_subjects: int = F(20, 2, 1000)
     num_workers: int = F(0, 0, 256)
+
+    def __post_init__(self):
+        if self.warmup_epochs > self.epochs:
+            raise ParamsError("probe.warmup_epochs must not exceed probe.epochs")
 
 
 @dataclass(frozen=True)
@@ -206,7 +225,7 @@ class TablesParams:
 @dataclass(frozen=True)
 class Params:
     lambda_: float = F(2.0, 0.0, 1000.0, doc="IAT strength: the reversed gradient's factor")
-    model_size: str = F("tiny", choices=MODEL_SIZES)
+    model_size: str = F("mini", choices=MODEL_SIZES)
     seed: int = F(0, 0)
     download: DownloadParams = field(default_factory=DownloadParams)
     shards: ShardsParams = field(default_factory=ShardsParams)

@@ -1,17 +1,23 @@
-"""Identity linear probing of AU backbones (paper section 5.1, Figures 3 and 4).
+"""Identity probing of AU backbones (paper section 5.1, Figures 3 and 4).
 
 The paper's evidence for identity shortcut learning: freeze the backbone of an AU model
-(encoder + fc_norm), train a bias-free linear classifier on its pooled features to recognise
-the subject, and watch that accuracy over the AU model's training epochs (Figure 3: FMAE goes
+(encoder + fc_norm), train a linear classifier on its pooled features to recognise the
+subject, and watch that accuracy over the AU model's training epochs (Figure 3: FMAE goes
 above 50% after one epoch and reaches 83% on BP4D; FMAE-IAT stays at 4.6% after one epoch and
 27.9% at epoch 19; chance 1/41). Figure 4 shows a t-SNE of the same features coloured by
 subject. See method.md section 4.
 
+Every backbone gets two probes (pipeline/linear_probe.py): the authors' recipe (what Figure 3
+measured) and a converged probe on standardised features (whether identity is linearly
+decodable at all). Each reports its training accuracy beside its test accuracy; a probe whose
+training accuracy stays below ``probe.underfit_below`` is flagged as underfitting, since its
+low test accuracy then says more about the probe than about the features.
+
 Protocol (as the paper): every subject of the dataset (not only one fold's), a seeded random
 ``frames_per_subject`` frames each, split per subject into ``train_fraction`` train / rest
 test. The same frames are used for every checkpoint, variant and fold of a dataset, so the
-curves differ only by the backbone. Features are extracted once per checkpoint; the linear
-probe then trains on the cached features, which is cheap.
+curves differ only by the backbone. Identical backbones (every run's epoch 0 is the same
+pretrained encoder) are probed once.
 
 Inputs follow docs/design.md: ``data/finetune/<variant>/<dataset>-<fold>/backbones/
 epoch_<E:03d>.pt`` and the AU shards ``data/au_shards/<dataset>/``. Accuracies are written in
@@ -19,7 +25,8 @@ percent (``"unit": "percent"``), like the paper and like the finetune stage's F1
 """
 from __future__ import annotations
 
-import io
+import dataclasses
+import hashlib
 import logging
 import re
 import tarfile
@@ -30,19 +37,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from pipeline.io import atomic_write_json, read_json, round_floats, save_figure
+from pipeline.linear_probe import (JpegFrames, Recipe, converged_probe, extract_features,
+                                   recipe_probe)
 from pipeline.models.vit import build_vit
-from pipeline.params import ProbeParams, parse_run
+from pipeline.params import FinetuneParams, ProbeParams, parse_run
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fmae", "iat")
 VARIANT_NAMES = {"fmae": "FMAE", "iat": "FMAE-IAT"}
 VARIANT_COLORS = {"fmae": "tab:red", "iat": "tab:blue"}  # Figure 3: FMAE is the red line
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -168,26 +174,6 @@ def load_probe_frames(au_dir: str | Path, cfg: ProbeParams, seed: int) -> ProbeF
     return frames
 
 
-class _JpegFrames(Dataset):
-    """Decode, resize to the backbone's size (bicubic, as the eval transform) and normalise."""
-
-    def __init__(self, jpegs: list[bytes], img_size: int):
-        self.jpegs, self.img_size = jpegs, img_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.jpegs)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-        img = Image.open(io.BytesIO(self.jpegs[i])).convert("RGB")
-        if img.size != (self.img_size, self.img_size):
-            img = img.resize((self.img_size, self.img_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std  # (3, H, W)
-
-
 # --------------------------------------------------------------------------- backbones
 def list_backbones(run_dir: Path) -> dict[int, Path]:
     """``{epoch: path}`` of the saved ``backbones/epoch_<E:03d>.pt`` of a finetune run."""
@@ -200,8 +186,18 @@ def list_backbones(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def load_backbone(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the finetuned encoder (mean pool + fc_norm, no head) from a backbone file."""
+def load_backbone(path: Path, drop_path: float = 0.0) -> tuple[nn.Module, dict, str]:
+    """Rebuild the finetuned encoder (mean pool + fc_norm, no head) from a backbone file.
+
+    Args:
+        path: ``backbones/epoch_<E>.pt``.
+        drop_path: stochastic depth of the rebuilt model (active only in training mode; the
+            authors' probe keeps the finetuning rate on while it trains).
+
+    Returns:
+        (model in eval mode without gradients, its config, a digest of its weights: equal
+        digests mean equal backbones, e.g. the epoch-0 backbone every run starts from).
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: expected {{'model': state_dict, 'config': {{...}}}} as "
@@ -209,7 +205,7 @@ def load_backbone(path: Path) -> tuple[nn.Module, dict]:
     cfg = ckpt["config"]
     try:
         model = build_vit(cfg["model_size"], int(cfg["img_size"]), cfg.get("patch_size"),
-                          global_pool="avg")
+                          drop_path_rate=drop_path, global_pool="avg")
     except KeyError as e:
         raise ValueError(f"{path}: config lacks {e.args[0]!r} (needs model_size, img_size, "
                          "patch_size)") from None
@@ -220,61 +216,47 @@ def load_backbone(path: Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: weights do not match a {cfg['model_size']} ViT with mean "
                          f"pooling + fc_norm: missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]}")
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode())
+        digest.update(state[k].detach().cpu().contiguous().numpy().tobytes())
     model.eval().requires_grad_(False)
-    return model, dict(cfg)
+    return model, dict(cfg), digest.hexdigest()
 
 
-@torch.inference_mode()
-def extract_features(model: nn.Module, frames: ProbeFrames, img_size: int, batch_size: int,
-                     num_workers: int, device: torch.device) -> torch.Tensor:
-    """Pooled backbone features of every probe frame: (N, D) float32 on the CPU."""
-    loader = DataLoader(_JpegFrames(frames.jpegs, img_size), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers)
-    model = model.to(device)
-    out = []
-    for x in loader:                                  # x: (B, 3, H, W)
-        tokens = model.forward_features(x.to(device))  # (B, 1 + L, D), no final norm ("avg")
-        out.append(model.forward_head(tokens, pre_logits=True).float().cpu())  # (B, D)
-    return torch.cat(out)
+# --------------------------------------------------------------------------- probing
+def make_recipe(cfg: ProbeParams, ft: FinetuneParams) -> Recipe:
+    """The authors' probe settings: the finetuning optimiser, the probe's epochs and warmup."""
+    return Recipe(epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                  batch_size=ft.batch_size, blr=ft.blr, min_lr=ft.min_lr,
+                  weight_decay=ft.weight_decay)
 
 
-# --------------------------------------------------------------------------- linear probe
-def train_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                       y_test: torch.Tensor, n_classes: int, *, epochs: int, lr: float,
-                       batch_size: int, seed: int) -> tuple[float, float]:
-    """Train a bias-free ``Linear(D, n_classes)`` with cross-entropy (Adam) on fixed features.
-
-    Args:
-        x_train, x_test: (N, D) features; y_train, y_test: (N,) class indices.
+def probe_backbone(model: nn.Module, model_cfg: dict, frames: ProbeFrames, cfg: ProbeParams,
+                   ft: FinetuneParams, seed: int, device: torch.device) -> tuple[dict, np.ndarray]:
+    """Both identity probes of one backbone (from :func:`load_backbone`).
 
     Returns:
-        (test accuracy, train accuracy) in percent.
+        (``{"recipe": {...}, "converged": {...}}``, the (N, D) clean features of every probe
+        frame).
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the layer's init
-    head = nn.Linear(x_train.shape[1], n_classes, bias=False)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    n = len(x_train)
-    # The matmuls here are tiny (B x D x n_subjects): thread synchronisation costs more than
-    # it saves (measured 100x slower with 2 threads on a busy 2-core machine), so train the
-    # probe single-threaded and restore the setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch_size):
-                idx = order[i:i + batch_size]
-                loss = nn.functional.cross_entropy(head(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            test_acc = (head(x_test).argmax(1) == y_test).float().mean().item() * 100.0
-            train_acc = (head(x_train).argmax(1) == y_train).float().mean().item() * 100.0
-    finally:
-        torch.set_num_threads(threads)
-    return test_acc, train_acc
+    from pipeline.finetune import build_transforms  # timm/torchvision only when probing
+
+    img = int(model_cfg["img_size"])
+    train_tf, eval_tf = build_transforms(dataclasses.replace(ft, image_size=img))
+    y = torch.tensor(frames.labels)  # (N,) copies: the arrays may be read-only views
+    tr = torch.tensor(frames.is_train)  # (N,) bool
+    clean = extract_features(model, JpegFrames(frames.jpegs, frames.labels, eval_tf),
+                             cfg.batch_size, cfg.num_workers, device)  # (N, D)
+    train_idx = np.flatnonzero(frames.is_train)
+    train_set = JpegFrames([frames.jpegs[i] for i in train_idx], frames.labels[train_idx],
+                           train_tf)
+    recipe = recipe_probe(model, train_set, frames.n_subjects, make_recipe(cfg, ft),
+                          clean_train=clean[tr], y_train=y[tr], clean_test=clean[~tr],
+                          y_test=y[~tr], seed=seed, num_workers=cfg.num_workers, device=device)
+    converged = converged_probe(clean[tr], y[tr], clean[~tr], y[~tr], frames.n_subjects,
+                                max_iter=cfg.converged_max_iter)
+    return {"recipe": recipe, "converged": converged}, clean.numpy()
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
@@ -283,62 +265,104 @@ def _default_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _probe_run_detail(run_dir: Path, frames: ProbeFrames, cfg: ProbeParams, seed: int,
-                      device: torch.device) -> tuple[dict, np.ndarray]:
-    """Probe every saved epoch of one run; also return the final epoch's (N, D) features."""
-    backbones = list_backbones(run_dir)
-    y = torch.tensor(frames.labels)   # (N,) copies: the arrays may be read-only views
-    tr = torch.tensor(frames.is_train)  # (N,) bool
-    accs, train_accs, final_feats, model_cfg = {}, {}, None, {}
-    for epoch, path in backbones.items():
-        model, model_cfg = load_backbone(path)
-        feats = extract_features(model, frames, int(model_cfg["img_size"]), cfg.batch_size,
-                                 cfg.num_workers, device)  # (N, D)
-        acc, train_acc = train_linear_probe(feats[tr], y[tr], feats[~tr], y[~tr],
-                                            frames.n_subjects, epochs=cfg.epochs, lr=cfg.lr,
-                                            batch_size=cfg.batch_size, seed=seed)
-        accs[str(epoch)], train_accs[str(epoch)] = acc, train_acc
-        final_feats = feats.numpy()
-        log.info("probe %s epoch %d: identity accuracy %.1f%% (train %.1f%%, chance %.1f%%)",
-                 run_dir.relative_to(run_dir.parent.parent), epoch, acc, train_acc,
-                 frames.chance)
+PROBES = ("recipe", "converged")
+# The finetune params the probe stage reads (dvc.yaml lists the same keys).
+PROBE_FINETUNE_KEYS = ("runs", "batch_size", "blr", "min_lr", "weight_decay", "drop_path",
+                       "augment")
+PROBE_NAMES = {"recipe": "authors' recipe", "converged": "converged, standardised"}
+
+
+def _probe_run_detail(run_dir: Path, frames: ProbeFrames, cfg: ProbeParams,
+                      ft: FinetuneParams, seed: int, device: torch.device,
+                      cache: dict[str, tuple[dict, np.ndarray]] | None = None
+                      ) -> tuple[dict, np.ndarray]:
+    """Probe every saved epoch of one run; also return the final epoch's (N, D) features.
+
+    ``cache`` maps a backbone's weight digest to its probe results, so identical backbones
+    (every run's epoch 0 is the same pretrained encoder) are probed once.
+    """
+    cache = {} if cache is None else cache
+    per_epoch: dict[str, dict] = {}
+    final_feats, model_size = None, None
+    for epoch, path in list_backbones(run_dir).items():
+        model, model_cfg, digest = load_backbone(path, drop_path=ft.drop_path)
+        model_size = model_cfg.get("model_size")
+        if digest not in cache:
+            cache[digest] = probe_backbone(model, model_cfg, frames, cfg, ft, seed, device)
+        res, final_feats = cache[digest]
+        per_epoch[str(epoch)] = res
+        log.info("probe %s epoch %d: identity accuracy %s (chance %.1f%%)",
+                 run_dir.relative_to(run_dir.parent.parent), epoch,
+                 "; ".join(f"{PROBE_NAMES[k]} {res[k]['test_accuracy']:.1f}% (train "
+                           f"{res[k]['train_accuracy']:.1f}%)" for k in PROBES), frames.chance)
+
+    def column(probe: str, key: str) -> dict[str, float]:
+        return {e: r[probe][key] for e, r in per_epoch.items()}
+
+    def underfit(probe: str) -> list[int]:
+        return [int(e) for e, r in per_epoch.items()
+                if r[probe]["train_accuracy"] < cfg.underfit_below]
+
+    recipe = make_recipe(cfg, ft)
     result = {
-        "epochs": accs, "train_accuracy": train_accs, "chance": frames.chance,
-        "n_subjects": frames.n_subjects, "n_train": int(frames.is_train.sum()),
-        "n_test": int((~frames.is_train).sum()), "unit": "percent",
-        "model_size": model_cfg.get("model_size"), "subjects": frames.subjects,
+        # "epochs" is the authors' recipe: what the paper's Figure 3 plots.
+        "epochs": column("recipe", "test_accuracy"),
+        "train_accuracy": column("recipe", "train_accuracy"),
+        "loss": column("recipe", "loss"),
+        "converged": {"epochs": column("converged", "test_accuracy"),
+                      "train_accuracy": column("converged", "train_accuracy"),
+                      "iterations": column("converged", "iterations")},
+        "underfit": {p: underfit(p) for p in PROBES},
+        "underfit_below": cfg.underfit_below,
+        "recipe": {**dataclasses.asdict(recipe), "lr": recipe.lr, "drop_path": ft.drop_path,
+                   "loss": "one-hot BCE", "head": "bias-free linear, trunc-normal std 2e-5"},
+        "chance": frames.chance, "n_subjects": frames.n_subjects,
+        "n_train": int(frames.is_train.sum()), "n_test": int((~frames.is_train).sum()),
+        "unit": "percent", "model_size": model_size, "subjects": frames.subjects,
     }
     return result, final_feats
 
 
-def probe_run(run_dir: str | Path, au_dir: str | Path, cfg: ProbeParams, *, seed: int,
-              frames: ProbeFrames | None = None,
+def probe_run(run_dir: str | Path, au_dir: str | Path, cfg: ProbeParams, ft: FinetuneParams,
+              *, seed: int, frames: ProbeFrames | None = None,
               device: str | torch.device | None = None) -> dict:
-    """Identity-probe every saved backbone epoch of one finetune run.
+    """Identity-probe every saved backbone epoch of one finetune run with both probes.
 
     Args:
         run_dir: ``data/finetune/<variant>/<dataset>-<fold>``.
         au_dir: that dataset's AU shards, ``data/au_shards/<dataset>``.
         cfg: the ``probe`` params section.
-        seed: frame selection and probe initialisation.
+        ft: the ``finetune`` params section (the authors' recipe uses its optimiser settings,
+            augmentation and drop path).
+        seed: frame selection and probe training.
         frames: pre-loaded probe frames (``load_probe_frames``) to share across runs.
-        device: where features are extracted; default CUDA when available.
+        device: where the backbone runs; default CUDA when available.
 
     Returns:
-        ``{"epochs": {E: test accuracy %}, "train_accuracy": {...}, "chance", "n_subjects",
-        "n_train", "n_test", "unit", "model_size", "subjects"}``.
+        ``{"epochs": {E: recipe test accuracy %}, "train_accuracy": {E: ...}, "loss",
+        "converged": {"epochs", "train_accuracy", "iterations"}, "underfit": {probe: [E]},
+        "recipe", "chance", "n_subjects", "n_train", "n_test", "unit", "model_size",
+        "subjects"}``.
     """
     frames = frames if frames is not None else load_probe_frames(au_dir, cfg, seed)
-    result, _ = _probe_run_detail(Path(run_dir), frames, cfg, seed, _default_device(device))
+    result, _ = _probe_run_detail(Path(run_dir), frames, cfg, ft, seed, _default_device(device))
     return result
 
 
 # --------------------------------------------------------------------------- figures
-def plot_identity_vs_epoch(results: dict[str, dict[str, dict]], path: Path) -> None:
-    """Figure 3: identity accuracy vs AU-training epoch, one panel per dataset.
+def _curve(res: dict, probe: str, key: str) -> dict[int, float]:
+    """``{epoch: value}`` of one probe's test (``epochs``) or training accuracy in a result."""
+    d = res if probe == "recipe" else res["converged"]
+    return {int(e): v for e, v in d[key].items()}
 
-    ``results[variant][run]`` is a ``probe_run`` result. Thin lines are folds, the thick line
-    is the mean over folds at the epochs all folds saved; chance is dashed.
+
+def plot_identity_vs_epoch(results: dict[str, dict[str, dict]], path: Path) -> None:
+    """Figure 3: identity accuracy vs AU-training epoch; a row per dataset, a column per probe.
+
+    ``results[variant][run]`` is a ``probe_run`` result. Thin lines are folds' test
+    accuracy, the thick line their mean at the epochs all folds saved, the dashed line the
+    mean training accuracy; a hollow marker is an epoch where a fold's probe underfits
+    (training accuracy below ``underfit_below``). Chance is dotted grey.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -346,31 +370,41 @@ def plot_identity_vs_epoch(results: dict[str, dict[str, dict]], path: Path) -> N
     from matplotlib.ticker import MaxNLocator
 
     datasets = sorted({parse_run(r)[0] for v in results.values() for r in v})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        chance = None
-        for variant, runs in results.items():
-            curves = {r: res for r, res in runs.items() if parse_run(r)[0] == ds}
-            if not curves:
-                continue
-            color = VARIANT_COLORS.get(variant)
-            for res in curves.values():
-                e = sorted(int(k) for k in res["epochs"])
-                ax.plot(e, [res["epochs"][str(k)] for k in e], color=color, alpha=0.3, lw=1)
-                chance = res["chance"]
-            common = sorted(set.intersection(*[{int(k) for k in res["epochs"]}
-                                               for res in curves.values()]))
-            mean = [np.mean([res["epochs"][str(k)] for res in curves.values()]) for k in common]
-            ax.plot(common, mean, color=color, lw=2.2, marker="o", ms=3,
-                    label=f"{VARIANT_NAMES.get(variant, variant)} (mean of {len(curves)} "
-                          f"fold{'s' if len(curves) > 1 else ''})")
-        if chance is not None:
-            ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:.1f}%)")
-        ax.set(title=f"{ds}: identity linear probe", xlabel="AU training epoch",
-               ylabel="identity accuracy (%)", ylim=(-2, 102))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(datasets), len(PROBES), squeeze=False,
+                             figsize=(5.5 * len(PROBES), 4 * len(datasets)))
+    for row, ds in zip(axes, datasets):
+        for ax, probe in zip(row, PROBES):
+            chance, threshold = None, None
+            for variant, runs in results.items():
+                curves = [res for r, res in runs.items() if parse_run(r)[0] == ds]
+                if not curves:
+                    continue
+                color = VARIANT_COLORS.get(variant)
+                tests = [_curve(res, probe, "epochs") for res in curves]
+                trains = [_curve(res, probe, "train_accuracy") for res in curves]
+                for t in tests:
+                    ax.plot(sorted(t), [t[e] for e in sorted(t)], color=color, alpha=0.3, lw=1)
+                common = sorted(set.intersection(*[set(t) for t in tests]))
+                mean = [float(np.mean([t[e] for t in tests])) for e in common]
+                mean_tr = [float(np.mean([t[e] for t in trains])) for e in common]
+                under = [any(e in res["underfit"][probe] for res in curves) for e in common]
+                name = VARIANT_NAMES.get(variant, variant)
+                ax.plot(common, mean, color=color, lw=2.2,
+                        label=f"{name} test (mean of {len(curves)} fold"
+                              f"{'s' if len(curves) > 1 else ''})")
+                ax.scatter(common, mean, s=28, zorder=3, edgecolors=color,
+                           facecolors=["none" if u else color for u in under])
+                ax.plot(common, mean_tr, color=color, lw=1.2, ls="--", label=f"{name} train")
+                chance, threshold = curves[0]["chance"], curves[0]["underfit_below"]
+            if chance is not None:
+                ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:.1f}%)")
+            ax.set(title=f"{ds}: {PROBE_NAMES[probe]} probe", xlabel="AU training epoch",
+                   ylabel="identity accuracy (%)", ylim=(-2, 102))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, title=(f"hollow: a fold's probe underfits (train < "
+                                         f"{threshold:g}%)" if threshold is not None else None),
+                      title_fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -411,34 +445,42 @@ def plot_tsne(features: dict[str, np.ndarray], frames: ProbeFrames, n_subjects: 
 
 # --------------------------------------------------------------------------- stage entry
 def _headline(results: dict[str, dict[str, dict]]) -> dict:
-    """Per dataset: final-epoch (and epoch-1) probe accuracy per variant, mean over folds."""
+    """Per dataset and variant, mean over folds of each probe's epoch-0, epoch-1 and final
+    test accuracy and final training accuracy; ``recipe_iat_over_fmae`` is FMAE-IAT's final
+    authors'-recipe accuracy as a fraction of FMAE's (the paper: 27.9 / 83 = 0.34)."""
     out: dict[str, dict] = {}
+    by_ds: dict[str, dict[str, list[dict]]] = {}
     for variant, runs in results.items():
         for run, res in runs.items():
-            ds = parse_run(run)[0]
-            d = out.setdefault(ds, {"chance": res["chance"], "n_subjects": res["n_subjects"]})
-            v = d.setdefault(variant, {"final": [], "epoch1": [], "final_epoch": []})
-            final = max(int(k) for k in res["epochs"])
-            v["final"].append(res["epochs"][str(final)])
-            v["final_epoch"].append(final)
-            if "1" in res["epochs"]:
-                v["epoch1"].append(res["epochs"]["1"])
-    for ds, d in out.items():
-        for variant in VARIANTS:
-            if variant not in d:
-                continue
-            v = d[variant]
-            d[variant] = {"final": float(np.mean(v["final"])), "folds": len(v["final"]),
-                          "final_epoch": int(max(v["final_epoch"]))}
-            if v["epoch1"]:
-                d[variant]["epoch1"] = float(np.mean(v["epoch1"]))
+            by_ds.setdefault(parse_run(run)[0], {}).setdefault(variant, []).append(res)
+    for ds, variants in by_ds.items():
+        first = next(iter(variants.values()))[0]
+        d = out.setdefault(ds, {"chance": first["chance"], "n_subjects": first["n_subjects"]})
+        for variant, res_list in variants.items():
+            finals = [max(int(k) for k in res["epochs"]) for res in res_list]
+            v: dict = {"folds": len(res_list), "final_epoch": int(max(finals))}
+            for probe in PROBES:
+                tests = [_curve(res, probe, "epochs") for res in res_list]
+                trains = [_curve(res, probe, "train_accuracy") for res in res_list]
+                p = {"final": float(np.mean([t[f] for t, f in zip(tests, finals)])),
+                     "train_final": float(np.mean([t[f] for t, f in zip(trains, finals)])),
+                     "underfit_final": sum(f in res["underfit"][probe]
+                                           for res, f in zip(res_list, finals))}
+                for e in (0, 1):
+                    if all(e in t for t in tests):
+                        p[f"epoch{e}"] = float(np.mean([t[e] for t in tests]))
+                v[probe] = p
+            d[variant] = v
         if "fmae" in d and "iat" in d:
-            d["iat_minus_fmae"] = d["iat"]["final"] - d["fmae"]["final"]
+            fm, ia = d["fmae"]["recipe"]["final"], d["iat"]["recipe"]["final"]
+            d["recipe_iat_over_fmae"] = ia / fm if fm > 0 else None
+            d["converged_iat_minus_fmae"] = (d["iat"]["converged"]["final"]
+                                             - d["fmae"]["converged"]["final"])
     return round_floats(out)
 
 
 def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | Path,
-              cfg: ProbeParams, runs: list[str], seed: int, tracker,
+              cfg: ProbeParams, ft: FinetuneParams, runs: list[str], seed: int, tracker,
               variants: tuple[str, ...] = VARIANTS,
               device: str | torch.device | None = None) -> dict:
     """Probe every run of every variant, write JSONs, Figures 3-4 and ``metrics.json``.
@@ -448,6 +490,7 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
         au_dir_root: ``data/au_shards`` (reads ``<dataset>/``).
         out_dir: ``data/probe``.
         cfg: the ``probe`` params section.
+        ft: the ``finetune`` params section (the authors' recipe trains with its settings).
         runs: ``finetune.runs`` (``<dataset>-<fold>``).
         seed: top-level seed.
         tracker: a ``pipeline.tracking.Tracker`` (metrics per epoch, figures as artifacts).
@@ -464,6 +507,7 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
                                         f"run `dvc repro finetune_{variant}`")
     results: dict[str, dict[str, dict]] = {v: {} for v in variants}
     frames_cache: dict[str, ProbeFrames] = {}
+    probe_cache: dict[str, tuple[dict, np.ndarray]] = {}
     for run in runs:
         ds = parse_run(run)[0]
         if ds not in frames_cache:
@@ -473,12 +517,17 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
         frames = frames_cache[ds]
         final_feats = {}
         for variant in variants:
-            res, feats = _probe_run_detail(finetune_dir / variant / run, frames, cfg, seed, dev)
+            res, feats = _probe_run_detail(finetune_dir / variant / run, frames, cfg, ft, seed,
+                                           dev, probe_cache)
             results[variant][run] = res
             final_feats[variant] = feats
             atomic_write_json(out_dir / variant / f"{run}.json", res)
-            for epoch, acc in res["epochs"].items():
-                tracker.log_metrics({f"probe_acc/{variant}/{run}": acc}, step=int(epoch))
+            for epoch in res["epochs"]:
+                tracker.log_metrics({f"probe_recipe/{variant}/{run}": res["epochs"][epoch],
+                                     f"probe_recipe_train/{variant}/{run}":
+                                         res["train_accuracy"][epoch],
+                                     f"probe_converged/{variant}/{run}":
+                                         res["converged"]["epochs"][epoch]}, step=int(epoch))
         tsne_path = out_dir / f"tsne_{run}.png"
         plot_tsne(final_feats, frames, cfg.tsne_subjects, run, tsne_path, seed)
         tracker.log_artifact(tsne_path, "probe")
@@ -488,10 +537,12 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
     metrics = _headline(results)
     atomic_write_json(out_dir / "metrics.json", metrics)
     for ds, d in metrics.items():
-        tracker.log_metrics({f"probe/{ds}/{v}_final": d[v]["final"] for v in variants if v in d}
+        tracker.log_metrics({f"probe/{ds}/{v}_{p}_final": d[v][p]["final"]
+                             for v in variants if v in d for p in PROBES}
                             | {f"probe/{ds}/chance": d["chance"]})
-    log.info("identity probe done: %s", {ds: {v: round(d[v]["final"], 1) for v in variants
-                                                if v in d} for ds, d in metrics.items()})
+    log.info("identity probe done: %s", {
+        ds: {v: {p: round(d[v][p]["final"], 1) for p in PROBES} for v in variants if v in d}
+        for ds, d in metrics.items()})
     return metrics
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.io import setup_logging, write_run_info
 from pipeline.params import load_params, to_dict
-from pipeline.probe import probe_all
+from pipeline.probe import PROBE_FINETUNE_KEYS, probe_all
 from pipeline.tracking import start_run
 
 
@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    ft = params.finetune
+    # what the probes read of the finetune section: the runs, and the authors' recipe's
+    # optimiser, augmentation and drop path
     logged = {"probe": to_dict(params.probe), "seed": params.seed,
-              "finetune": {"runs": params.finetune.runs}}
+              "finetune": {k: to_dict(ft)[k] for k in PROBE_FINETUNE_KEYS}}
     write_run_info(args.out, logged)
     with start_run("probe", logged) as tracker:
-        probe_all(args.finetune, args.au_shards, args.out, params.probe,
-                  list(params.finetune.runs), params.seed, tracker)
+        probe_all(args.finetune, args.au_shards, args.out, params.probe, ft,
+                  list(ft.runs), params.seed, tracker)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,7 @@ def test_paper_profile_keeps_the_paper_finetuning_recipe():
     assert (f.augment.scale_min, f.augment.rand_augment, f.augment.reprob) == (
         0.08, "rand-m9-mstd0.5-inc1", 0.25)
     assert f.id_head_depth == 1 and load_params(ROOT / "configs" / "paper.yaml").probe.frames_per_subject == 100
+    # the reference's identity branch and the authors' probe schedule
+    assert (f.id_loss, f.id_classes, f.id_head_init) == ("bce", "dataset", "default")
+    probe = load_params(ROOT / "configs" / "paper.yaml").probe
+    assert (probe.epochs, probe.warmup_epochs, probe.train_fraction) == (20, 2, 0.7)

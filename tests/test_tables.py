@@ -87,12 +87,20 @@ def make_probe(root):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for variant, accs in (("fmae", {"0": 30.0, "1": 60.0, "3": 80.0}),
-                          ("iat", {"0": 30.0, "1": 10.0, "3": 20.0})):
+    # authors' recipe (test, train) and converged (test, train) accuracy per epoch
+    for variant, rec, rec_train, conv in (
+            ("fmae", {"0": 30.0, "1": 60.0, "3": 80.0}, {"0": 95.0, "1": 96.0, "3": 99.0},
+             {"0": 70.0, "1": 90.0, "3": 96.0}),
+            ("iat", {"0": 30.0, "1": 10.0, "3": 20.0}, {"0": 95.0, "1": 40.0, "3": 50.0},
+             {"0": 70.0, "1": 60.0, "3": 64.0})):
         (root / variant).mkdir(parents=True)
         for run in ("synthetic-1", "synthetic-2"):
             (root / variant / f"{run}.json").write_text(json.dumps(
-                {"epochs": accs, "chance": 20.0, "n_subjects": 5, "n_train": 35, "n_test": 15}))
+                {"epochs": rec, "train_accuracy": rec_train,
+                 "converged": {"epochs": conv, "train_accuracy": {e: 100.0 for e in conv}},
+                 "underfit": {"recipe": [int(e) for e, a in rec_train.items() if a < 90],
+                              "converged": []}, "underfit_below": 90.0,
+                 "chance": 20.0, "n_subjects": 5, "n_train": 35, "n_test": 15}))
     fig, ax = plt.subplots(figsize=(2, 2))
     ax.plot([0, 1], [0, 1])
     fig.savefig(root / "identity_vs_epoch.png")
@@ -129,7 +137,18 @@ def test_fold_means_and_gain(built):
     on_disk = json.loads((built["out"] / "metrics.json").read_text())
     assert on_disk["f1"]["synthetic"]["gain"]["paper_protocol"] == pytest.approx(
         m["f1"]["synthetic"]["gain"]["paper_protocol"])
-    assert on_disk["probe"]["synthetic"] == {"chance": 20.0, "fmae": 80.0, "iat": 20.0}
+    assert on_disk["probe"]["synthetic"] == {
+        "chance": 20.0,
+        "fmae": {"recipe": 80.0, "recipe_train": 99.0, "converged": 96.0, "converged_train": 100.0},
+        "iat": {"recipe": 20.0, "recipe_train": 50.0, "converged": 64.0, "converged_train": 100.0}}
+    probe_md = (built["out"] / "identity_probe.md").read_text()
+    # the underfitting recipe probe of FMAE-IAT is flagged, with the adversary's ID loss
+    assert "underfits in 2/2 folds" in probe_md
+    iat_recipe = next(line for line in probe_md.splitlines()
+                      if "FMAE-IAT" in line and "authors' recipe" in line and "ours" in line)
+    id_loss = np.mean([m["final_id_loss"] for (v, r), m in built["written"].items()
+                       if v == "iat" and r.startswith("synthetic-")])
+    assert f"| {id_loss:.3f} |" in iat_recipe  # the adversary's final ID loss, fold mean
 
 
 def test_both_protocols_labelled_and_published_only_for_real_datasets(built):
