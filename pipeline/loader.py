@@ -1,7 +1,10 @@
 """Shard reader for FMAE pretraining: WebDataset, resampled, equal steps on every DDP rank.
 
-Reads the ``data/shards/face-%06d.tar`` files written by :mod:`pipeline.shards` (contract in
-``docs/design.md``). The recipe follows ``/work/shared/reference/ecosystem.md`` (WebDataset 1.x):
+Reads the ``data/shards/face/face-%06d.tar`` files written by :mod:`pipeline.shards` (contract
+in ``docs/design.md``), only from a complete shards run (:func:`check_complete`: ``stats.json``
+present and listing exactly the shards in the folder, no temp files), so pretraining never
+starts on the leftovers of a killed or out-of-space run. The recipe follows
+``/work/shared/reference/ecosystem.md`` (WebDataset 1.x):
 
 - shards are **resampled** (drawn with replacement, an infinite stream), and the stream is
   split between ranks like ``split_by_node`` -- here with an explicit ``rank``/``world_size``
@@ -25,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-import tarfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -36,49 +37,111 @@ from torch.utils.data import default_collate, get_worker_info
 from webdataset.utils import make_seed
 
 from pipeline.io import read_json
+from pipeline.shards import SHARD_PATTERN, SHARD_RE, STATS_FILE, STATS_SHARDS_KEY, TEMP_PREFIXES
 
 log = logging.getLogger(__name__)
 
-SHARD_RE = re.compile(r"^face-\d{6}\.tar$")  # same names as pipeline.shards writes
+# What completes a shard folder (the out folder of the shards stage; dvc.yaml's shards stage).
+COMPLETE_WITH = ("`dvc repro shards` (or: python -m stages.shards --params params.yaml "
+                 "--download data/download --out {folder})")
+_MAX_LISTED = 5  # file names quoted in an error message
 # Samples a worker hands to the main process per message: amortises the IPC cost per sample.
 _WORKER_CHUNK = 16
 
 
 # --------------------------------------------------------------------------- shard folder
-def shard_urls(shard_dir: str | Path) -> list[str]:
-    """Sorted paths of the ``face-%06d.tar`` shards in ``shard_dir``.
+class IncompleteShardsError(RuntimeError):
+    """A shard folder is not the output of one complete shards run."""
+
+
+def _names(names: list[str]) -> str:
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _shards_meta(stats: Any, stats_path: Path, complete: str) -> tuple[int, int, int]:
+    """``(shard count, samples per shard, samples kept)`` recorded in ``stats.json``."""
+    try:
+        meta = stats[STATS_SHARDS_KEY]
+        count, per_shard = int(meta["count"]), int(meta["samples_per_shard"])
+        kept = int(stats["total"]["kept"])
+    except (KeyError, TypeError, ValueError):
+        raise IncompleteShardsError(
+            f"{stats_path}: no integer {STATS_SHARDS_KEY}.count, "
+            f"{STATS_SHARDS_KEY}.samples_per_shard and total.kept (written by an older or "
+            f"another version of the shards stage); re-run it: {complete}") from None
+    if count < 1 or per_shard < 1:
+        raise IncompleteShardsError(f"{stats_path}: records {count} shard(s) of {per_shard} "
+                                    f"samples, nothing to train on; re-run it: {complete}")
+    return count, per_shard, kept
+
+
+def check_complete(shard_dir: str | Path) -> dict:
+    """The ``stats.json`` of ``shard_dir``, after checking the folder is one complete run.
+
+    Complete means: ``stats.json`` is present (the shards stage writes it last), the folder
+    holds exactly the shards it records (``face-000000.tar`` .. ``face-<count - 1>.tar``, with
+    ``total.kept`` samples fitting ``count`` shards of ``samples_per_shard``) and no temp file
+    of an unfinished write (``.tmp-face-*``, ``.tmp-stats.json*``).
 
     Raises:
-        FileNotFoundError: the folder is missing or holds no shard.
+        FileNotFoundError: the folder is missing.
+        IncompleteShardsError: the folder is not complete; the message names the folder, what
+            is wrong and the command that completes it (a re-run rebuilds the folder).
     """
     d = Path(shard_dir)
+    complete = COMPLETE_WITH.format(folder=d)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: shard folder not found; run the shards stage "
-                                f"(`dvc repro shards`)")
-    urls = sorted(str(p) for p in d.iterdir() if SHARD_RE.match(p.name) and p.is_file())
-    if not urls:
-        raise FileNotFoundError(f"{d}: no face-NNNNNN.tar shards; run the shards stage "
-                                f"(`dvc repro shards`)")
-    return urls
+        raise FileNotFoundError(f"{d}: shard folder not found; run the shards stage: "
+                                f"{complete}")
+    files = sorted(p.name for p in d.iterdir() if p.is_file())
+    temps = [n for n in files if n.startswith(TEMP_PREFIXES)]
+    present = [n for n in files if SHARD_RE.match(n)]
+    stats_path = d / STATS_FILE
+    if STATS_FILE not in files:
+        raise IncompleteShardsError(
+            f"{d}: no {STATS_FILE}, so the shards run that wrote this folder did not finish "
+            f"(killed, or out of disk space; {len(present)} shard(s)"
+            f"{f', {len(temps)} temp file(s)' if temps else ''} left); complete it with "
+            f"{complete}")
+    if temps:
+        raise IncompleteShardsError(
+            f"{d}: temp files of an unfinished write ({_names(temps)}): a shards run is still "
+            f"going on or was killed; wait for it, or re-run it: {complete}")
+    stats = read_json(stats_path)
+    count, per_shard, kept = _shards_meta(stats, stats_path, complete)
+    expected = [SHARD_PATTERN % i for i in range(count)]
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    if missing or extra:
+        problem = "; ".join(p for p in (
+            f"missing {_names(missing)}" if missing else "",
+            f"not written by that run: {_names(extra)}" if extra else "") if p)
+        raise IncompleteShardsError(
+            f"{d}: the shards do not match {STATS_FILE} ({count} shard(s) recorded; "
+            f"{problem}); re-run the shards stage: {complete}")
+    if not (count - 1) * per_shard < kept <= count * per_shard:
+        raise IncompleteShardsError(
+            f"{stats_path}: total.kept={kept} samples do not fit {count} shard(s) of "
+            f"{per_shard}; re-run the shards stage: {complete}")
+    return stats
+
+
+def shard_urls(shard_dir: str | Path) -> list[str]:
+    """Sorted paths of the ``face-%06d.tar`` shards of a complete shard folder.
+
+    Raises:
+        FileNotFoundError: the folder is missing.
+        IncompleteShardsError: see :func:`check_complete`.
+    """
+    d = Path(shard_dir)
+    stats = check_complete(d)
+    return [str(d / (SHARD_PATTERN % i)) for i in range(int(stats[STATS_SHARDS_KEY]["count"]))]
 
 
 def count_samples(shard_dir: str | Path) -> int:
-    """Number of samples in the shards: ``stats.json``'s ``total.kept`` if present, else the
-    number of ``.jpg`` members found by reading the tar headers (no image data is read)."""
-    d = Path(shard_dir)
-    stats_path = d / "stats.json"
-    if stats_path.is_file():
-        stats = read_json(stats_path)
-        try:
-            return int(stats["total"]["kept"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{stats_path}: no integer total.kept; delete it and re-run the "
-                             f"shards stage") from None
-    n = 0
-    for url in shard_urls(d):
-        with tarfile.open(url, mode="r:") as tar:
-            n += sum(1 for m in tar if m.isfile() and m.name.endswith(".jpg"))
-    return n
+    """Number of samples in the shards: ``stats.json``'s ``total.kept`` (checked complete)."""
+    return int(check_complete(shard_dir)["total"]["kept"])
 
 
 # --------------------------------------------------------------------------- pipeline steps

@@ -10,8 +10,15 @@ Implements the data preparation of the paper's Section 3.1 ("Face9M", see
 
 Per image (:func:`process_image`): Pillow decode, libjpeg DCT-domain downscaling
 (``Image.draft``) for JPEGs when ``draft`` is on, EXIF orientation, conversion of every mode
-(CMYK, L/LA, P, I;16/I, RGBA) to 8-bit RGB, **bicubic** resize, JPEG encode. Images that cannot
-be decoded are counted as ``failed`` and skipped; they never fail the stage.
+(CMYK, L/LA, P, I;16/I, RGBA) to 8-bit RGB, **bicubic** resize, JPEG encode. GIFs (also
+animated ones) give their first frame and are counted in ``gif_first_frame`` too. Images that
+cannot be decoded are counted as ``failed`` and skipped; they never fail the stage.
+
+Size limit (:data:`MAX_ENCODED_BYTES`, derived from Pillow's pixel limit): a file or archive
+member whose header declares more bytes than one encoded image can hold is refused by name
+*before* it is read; since headers can lie, files and archive members are read as streams of
+at most the limit + 1 bytes (:func:`read_item_bounded`) and refused beyond it. Both count as
+``failed``, as does a zip member whose data does not match its header; the stage goes on.
 
 Output (:func:`build_shards`), the on-disk contract of ``data/shards/``:
 
@@ -19,8 +26,12 @@ Output (:func:`build_shards`), the on-disk contract of ``data/shards/``:
   ``<key>.json`` with ``{"source", "key", "width", "height", "identity"}`` (width/height: the
   original size after EXIF orientation). ``__key__`` is ``<source>-<index:09d>``, index = the
   item's position within its source (a tar-safe form of ``<source>/<index>``).
-- ``stats.json``: ``{"sources": {name: {"seen", "kept", "dropped_aspect", "failed"}},
-  "total": {...}}`` -- the Face9M composition table for the sources used.
+- ``stats.json``: ``{"sources": {name: {"seen", "kept", "dropped_aspect", "failed",
+  "gif_first_frame"}}, "total": {...}, "shards": {"count", "samples_per_shard"}}`` -- the Face9M
+  composition table for the sources used (``seen = kept + dropped_aspect + failed``;
+  ``gif_first_frame`` counts the kept GIFs), and the shards written: exactly
+  ``face-000000.tar`` .. ``face-<count - 1>.tar`` (``pipeline.loader`` checks this before
+  pretraining).
 
 Determinism: items are processed in input order (the caller passes sorted items), the tar
 headers are fixed (mtime 0, uid/gid 0, empty user/group names, mode 0444) and the per-image work
@@ -43,6 +54,8 @@ import os
 import re
 import tarfile
 import warnings
+import zipfile
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
@@ -53,19 +66,42 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from pipeline.download import ARCHIVES
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.params import ShardsParams
+from pipeline.sources import container_kind, read_item
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "face-%06d.tar"
 SHARD_RE = re.compile(r"^face-\d{6}\.tar$")
 STATS_FILE = "stats.json"
-STAT_KEYS = ("seen", "kept", "dropped_aspect", "failed")
+STATS_SHARDS_KEY = "shards"  # stats.json's {"count", "samples_per_shard"} of the shards written
+TEMP_PREFIXES = (".tmp-face-", f".tmp-{STATS_FILE}")  # atomic_path's temp names for our files
+STAT_KEYS = ("seen", "kept", "dropped_aspect", "failed", "gif_first_frame")
 RESAMPLE = Image.Resampling.BICUBIC  # the paper's finetuning interpolation; antialiased in Pillow
 _MAX_LOGGED_FAILURES = 10
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# --------------------------------------------------------------------------- size limit
+MAX_DECODED_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+"""Most pixels an image may have: Pillow raises ``DecompressionBombError`` (counted as
+``failed``) above twice its ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default), 178,956,970."""
+MAX_BYTES_PER_PIXEL = 4
+"""Widest pixel Pillow decodes into (RGBA, CMYK, I, F), so the largest uncompressed encoding
+(32-bit BMP/TIFF) of the largest decodable image; compressed formats are smaller."""
+ENCODED_SLACK_BYTES = 16 << 20
+"""Room for headers and metadata (EXIF, ICC profile, XMP) beside the pixel data."""
+MAX_ENCODED_BYTES = MAX_DECODED_PIXELS * MAX_BYTES_PER_PIXEL + ENCODED_SLACK_BYTES
+"""Most bytes one encoded image file may have (about 732 MB by default); anything larger
+would decode to more pixels than the limit above, so it is refused (counted as ``failed``):
+a file or archive member that *declares* more (:func:`declared_size`, from its size on disk or
+its zip/tar header) is never read, and one whose header lies is read as a stream of at most
+this + 1 bytes (:func:`read_item_bounded`) and refused there. This bounds the memory a worker
+spends on one item to about this much plus the decoded pixels (Pillow's limit). Only a
+16-bit-per-channel colour file (6-8 bytes per pixel) this large with fewer pixels than the
+limit is refused although Pillow could decode it; face photos are far smaller."""
 
 
 # --------------------------------------------------------------------------- one image
@@ -74,13 +110,17 @@ class Processed:
     """Result of :func:`process_image`.
 
     ``status`` is ``"kept"`` (``jpeg``, ``width``, ``height`` set), ``"dropped_aspect"``
-    (``width``, ``height`` set) or ``"failed"`` (``error`` set).
+    (``width``, ``height`` set) or ``"failed"`` (``error`` and ``reason`` set: ``"undecodable"``,
+    ``"too large"`` or ``"corrupt archive member"``). ``format`` is Pillow's name of the
+    decoded file format (``"JPEG"``, ``"GIF"``, ...) when the header could be read.
     """
     status: str
     jpeg: bytes | None = None
     width: int | None = None
     height: int | None = None
     error: str | None = None
+    reason: str | None = None
+    format: str | None = None
 
 
 def aspect_ok(width: int, height: int, max_ratio: float | Fraction) -> bool:
@@ -138,22 +178,27 @@ def process_image(data: bytes, cfg: ShardsParams,
         max_ratio: ``cfg.max_aspect_ratio`` as an exact fraction (computed once by callers
             that process many images).
 
+    A GIF (also an animated one) gives its first frame: Pillow opens every multi-frame file
+    at frame 0, and ``format`` tells the caller it was a GIF.
+
     Never raises for bad image data: returns ``Processed("failed", error=...)``.
     """
     size = cfg.image_size
+    fmt = None
     if max_ratio is None:
         max_ratio = Fraction(repr(float(cfg.max_aspect_ratio)))
     try:
         if not data:
             raise ValueError("empty file (0 bytes)")
         img = Image.open(io.BytesIO(data))
+        fmt = img.format
         # Header size, before draft changes it. The ratio test is symmetric in w and h, so it
         # gives the same answer on the stored and on the EXIF-oriented size; testing it here
         # skips decoding pixels of images that are dropped anyway.
         w0, h0 = img.size
         if not aspect_ok(w0, h0, max_ratio):
             ow, oh = _oriented_header_size(img)
-            return Processed("dropped_aspect", width=ow, height=oh)
+            return Processed("dropped_aspect", width=ow, height=oh, format=fmt)
         if cfg.draft:
             # libjpeg DCT scaling by 1/2, 1/4 or 1/8 while decoding: Pillow picks the largest
             # scale s with w0 // s >= size and h0 // s >= size, so the decoded image is still
@@ -171,9 +216,10 @@ def process_image(data: bytes, cfg: ShardsParams,
             img = img.resize((size, size), RESAMPLE)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
-        return Processed("kept", jpeg=buf.getvalue(), width=width, height=height)
+        return Processed("kept", jpeg=buf.getvalue(), width=width, height=height, format=fmt)
     except Exception as e:  # noqa: BLE001 - any decoder error means "skip this image"
-        return Processed("failed", error=f"{type(e).__name__}: {e}")
+        return Processed("failed", error=f"{type(e).__name__}: {e}", reason="undecodable",
+                         format=fmt)
 
 
 def _oriented_header_size(img: Image.Image) -> tuple[int, int]:
@@ -186,23 +232,137 @@ def _oriented_header_size(img: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+# --------------------------------------------------------------------------- reading
+def declared_size(item: Any) -> int | None:
+    """Bytes of ``item``'s encoded image as declared before reading it, or None if unknown.
+
+    For items shaped like ``pipeline.sources.Item`` (``container``: a path, ``member``: None,
+    an archive member name or a record offset): a loose file's size on disk, a zip member's
+    uncompressed size (central directory) or a tar member's size (its header), looked up in the
+    archive handles that ``pipeline.download.read_member`` keeps open in this process, so
+    nothing is opened twice. None for RecordIO records (each part is under 512 MiB, below the
+    default limit; the bytes read are still checked), for unknown members (the reader then
+    raises its own error) and for items without these attributes.
+    """
+    container = getattr(item, "container", None)
+    if container is None:
+        return None
+    member = getattr(item, "member", None)
+    if member is None:
+        return os.stat(container).st_size
+    if container_kind(container) == "records":
+        return None
+    return ARCHIVES.use(str(container), lambda handle: _member_size(handle, member))
+
+
+def _member_size(handle: Any, member: str) -> int | None:
+    """Header size of ``member`` in an open ``pipeline.download`` archive handle."""
+    zf = getattr(handle, "zf", None)
+    if zf is not None:
+        try:
+            return zf.getinfo(member).file_size
+        except KeyError:
+            return None
+    info = handle.index.get(member)  # a tar: name -> TarInfo, built once per process
+    return None if info is None else info.size
+
+
+def read_item_bounded(item: Any, max_bytes: int) -> bytes:
+    """``pipeline.sources.read_item(item)``, but at most ``max_bytes + 1`` bytes of it.
+
+    A loose file or a zip/tar member is read as a stream that stops after ``max_bytes + 1``
+    bytes whatever its header says: ``zipfile.ZipFile.read`` would decompress all the data a
+    member holds before cutting it to the declared size, so a member that under-declares its
+    size would cost its true size in memory. A zip member holding more than it declares then
+    fails zipfile's CRC check (``BadZipFile``) once the declared size is reached. A record of
+    a ``.rec`` file is read whole (RecordIO's 29-bit lengths bound each part to 512 MiB; the
+    caller checks the bytes read).
+
+    Raises:
+        FileNotFoundError: the archive has no regular-file member ``item.member``.
+    """
+    if item.member is None:
+        with open(item.container, "rb") as f:
+            return f.read(max_bytes + 1)
+    if container_kind(item.container) == "records":
+        return read_item(item)
+    try:
+        return ARCHIVES.use(str(item.container),
+                            lambda handle: _read_member(handle, item.member, max_bytes + 1))
+    except KeyError:
+        raise FileNotFoundError(f"{item.container}: no regular-file member {item.member!r}; "
+                                "the archive changed since it was listed: re-run the stage "
+                                "that listed it") from None
+
+
+def _read_member(handle: Any, member: str, n: int) -> bytes:
+    """At most ``n`` bytes of ``member`` of an open ``pipeline.download`` archive handle."""
+    zf = getattr(handle, "zf", None)
+    if zf is not None:
+        with zf.open(member) as f:  # KeyError if missing
+            return f.read(n)
+    info = handle.index[member]
+    if not info.isreg():
+        raise KeyError(member)
+    with handle.tf.extractfile(info) as f:
+        return f.read(n)
+
+
+class TooLarge(Exception):
+    """An item's encoded image exceeds :data:`MAX_ENCODED_BYTES`; it is skipped."""
+
+
+def _read_checked(read: Callable[[Any], bytes], item: Any, limit: int) -> bytes:
+    """``read(item)``, refusing an item over ``limit`` bytes before and while reading it.
+
+    ``pipeline.sources.read_item`` is replaced by :func:`read_item_bounded` (at most
+    ``limit + 1`` bytes read); what other readers return is checked after reading.
+
+    Raises:
+        TooLarge: the declared size (:func:`declared_size`) or the bytes read exceed
+            ``limit``; the declared size is checked first, so such an item is not read.
+    """
+    size = declared_size(item)
+    if size is not None and size > limit:
+        raise TooLarge(f"declares {size:,} bytes, more than the {limit:,}-byte limit for one "
+                       f"encoded image (pipeline.shards.MAX_ENCODED_BYTES); not read")
+    data = read_item_bounded(item, limit) if read is read_item else read(item)
+    if len(data) > limit:
+        raise TooLarge(f"holds more than the {limit:,}-byte limit for one encoded image "
+                       f"(pipeline.shards.MAX_ENCODED_BYTES) although its header declares "
+                       f"{'no size' if size is None else f'{size:,} bytes'}; not read further")
+    return data
+
+
 # --------------------------------------------------------------------------- workers
 # Set once per worker process by _init_worker, so the reader and params are not pickled with
 # every task; tasks carry only the (small) item, results carry only the 224px JPEG.
 _WORKER: dict[str, Any] = {}
+_REPLACE = "check or replace this file in the download folder"
 
 
-def _init_worker(read: Callable[[Any], bytes], cfg: ShardsParams) -> None:
+def _init_worker(read: Callable[[Any], bytes], cfg: ShardsParams, max_bytes: int) -> None:
     # Huge photos are legitimate here; Pillow still raises DecompressionBombError (counted as
     # failed) above 2x its pixel limit, but the warning below it would flood the log.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    _WORKER.update(read=read, cfg=cfg, ratio=Fraction(repr(float(cfg.max_aspect_ratio))))
+    _WORKER.update(read=read, cfg=cfg, ratio=Fraction(repr(float(cfg.max_aspect_ratio))),
+                   max_bytes=max_bytes)
 
 
 def _work(item: Any) -> Processed:
-    # read() errors propagate on purpose: an unreadable source file (missing archive member,
-    # I/O error) is a problem with the download, not a bad image, and must stop the stage.
-    data = _WORKER["read"](item)
+    # Other read() errors propagate on purpose: an unreadable source file (missing archive
+    # member, truncated archive, I/O error) is a problem with the download, not a bad image,
+    # and must stop the stage.
+    try:
+        data = _read_checked(_WORKER["read"], item, _WORKER["max_bytes"])
+    except TooLarge as e:
+        return Processed("failed", error=f"{e}; {_REPLACE}", reason="too large")
+    except (zipfile.BadZipFile, zlib.error) as e:
+        # One member whose data does not match its zip header (bad CRC, more data than its
+        # declared size, a broken deflate stream): read_item_bounded stopped reading it at
+        # the declared size (under the limit).
+        return Processed("failed", error=f"{type(e).__name__}: {e}; the archive is damaged: "
+                         f"download it again", reason="corrupt archive member")
     return process_image(data, _WORKER["cfg"], _WORKER["ratio"])
 
 
@@ -217,10 +377,11 @@ def resolve_workers(workers: int) -> int:
 
 
 def _processed_stream(items: Iterable[Any], read: Callable[[Any], bytes], cfg: ShardsParams,
-                      workers: int, chunksize: int = 16) -> Iterator[tuple[Any, Processed]]:
+                      workers: int, max_bytes: int,
+                      chunksize: int = 16) -> Iterator[tuple[Any, Processed]]:
     """Yield ``(item, result)`` in input order, decoding in ``workers`` processes."""
     if workers == 1:
-        _init_worker(read, cfg)
+        _init_worker(read, cfg, max_bytes)
         for item in items:
             yield item, _work(item)
         return
@@ -228,7 +389,7 @@ def _processed_stream(items: Iterable[Any], read: Callable[[Any], bytes], cfg: S
     # in blocks instead so memory stays bounded. The pause at a block's end is one chunk.
     block_size = max(4096, workers * chunksize * 32)
     with mp.get_context().Pool(workers, initializer=_init_worker,
-                               initargs=(read, cfg)) as pool:
+                               initargs=(read, cfg, max_bytes)) as pool:
         it = iter(items)
         while True:
             block = list(itertools.islice(it, block_size))
@@ -319,8 +480,8 @@ def clean_output(out_dir: Path) -> int:
         return 0
     for p in out_dir.iterdir():
         name = p.name
-        if (SHARD_RE.match(name) or name == STATS_FILE or name.startswith(".tmp-face-")
-                or name.startswith(f".tmp-{STATS_FILE}")) and p.is_file():
+        if (SHARD_RE.match(name) or name == STATS_FILE or name.startswith(TEMP_PREFIXES)) \
+                and p.is_file():
             p.unlink()
             n += 1
     return n
@@ -329,6 +490,18 @@ def clean_output(out_dir: Path) -> int:
 # --------------------------------------------------------------------------- the stage
 def _empty_stats() -> dict[str, int]:
     return {k: 0 for k in STAT_KEYS}
+
+
+def _log_failure(item: Any, res: Processed, n_logged: dict[str, int]) -> None:
+    """Log a skipped item by name: the first ``_MAX_LOGGED_FAILURES`` of each reason."""
+    reason = res.reason or "undecodable"
+    n = n_logged.get(reason, 0)
+    if n >= _MAX_LOGGED_FAILURES:
+        return
+    log.warning("skipped %s/%s (%s): %s", item.source, item.key, reason, res.error)
+    n_logged[reason] = n + 1
+    if n + 1 == _MAX_LOGGED_FAILURES:
+        log.warning("further %s images are counted as failed in %s only", reason, STATS_FILE)
 
 
 def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: str | Path,
@@ -340,13 +513,21 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
             ``pipeline.sources.Item``), in the order they go into the shards (sorted by the
             caller). They are sent to worker processes, so they must be picklable.
         read: ``read(item) -> bytes`` of the encoded image; called inside the workers (a
-            module-level function). Exceptions from ``read`` abort the build.
+            module-level function); ``pipeline.sources.read_item`` is replaced by
+            :func:`read_item_bounded`. Exceptions from ``read`` abort the build, except a zip
+            member's ``BadZipFile``/``zlib.error`` (counted as failed: one damaged member).
         out_dir: output folder; earlier shards, ``stats.json`` and temp files are replaced.
         cfg: the ``shards`` params section.
         progress: show a tqdm bar.
 
+    Each item's size is checked against :data:`MAX_ENCODED_BYTES` before ``read`` (its
+    header, :func:`declared_size`) and after (what was read; ``pipeline.sources.read_item``
+    is replaced by :func:`read_item_bounded`, which reads at most the limit + 1 bytes): a
+    larger item is logged by name and counted as ``failed``, and the build goes on.
+
     Returns:
-        ``{"sources": {source: {"seen", "kept", "dropped_aspect", "failed"}}, "total": {...}}``.
+        ``{"sources": {source: {"seen", "kept", "dropped_aspect", "failed", "gif_first_frame"}},
+        "total": {...}, "shards": {"count", "samples_per_shard"}}``.
 
     Raises:
         RuntimeError: no image was kept (nothing to pretrain on); ``stats.json`` is not written.
@@ -363,11 +544,11 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
 
     per_source: dict[str, dict[str, int]] = {}
     sink = _ShardSink(out_dir, cfg.samples_per_shard)
-    n_failed_logged = 0
+    n_logged: dict[str, int] = {}  # failures logged per reason
     total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, unit="img", desc="shards", disable=not progress, mininterval=1.0,
                dynamic_ncols=True)
-    stream = _processed_stream(items, read, cfg, workers)
+    stream = _processed_stream(items, read, cfg, workers, MAX_ENCODED_BYTES)
     try:
         for item, res in stream:
             st = per_source.setdefault(item.source, _empty_stats())
@@ -375,17 +556,12 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
             st["seen"] += 1
             st[res.status] += 1
             if res.status == "kept":
+                st["gif_first_frame"] += int(res.format == "GIF")
                 sink.add(sample_key(item.source, index), res.jpeg, {
                     "source": item.source, "key": item.key, "width": res.width,
                     "height": res.height, "identity": item.identity})
             elif res.status == "failed":
-                if n_failed_logged < _MAX_LOGGED_FAILURES:
-                    log.warning("skipped %s/%s (undecodable): %s", item.source, item.key,
-                                res.error)
-                    n_failed_logged += 1
-                    if n_failed_logged == _MAX_LOGGED_FAILURES:
-                        log.warning("further undecodable images are counted in %s only",
-                                    STATS_FILE)
+                _log_failure(item, res, n_logged)
             bar.update(1)
         sink.finish()
     except BaseException as e:
@@ -396,10 +572,13 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
         bar.close()
 
     stats = {"sources": {s: per_source[s] for s in sorted(per_source)},
-             "total": {k: sum(s[k] for s in per_source.values()) for k in STAT_KEYS}}
+             "total": {k: sum(s[k] for s in per_source.values()) for k in STAT_KEYS},
+             STATS_SHARDS_KEY: {"count": sink.n_shards,
+                                "samples_per_shard": cfg.samples_per_shard}}
     t = stats["total"]
-    log.info("shards: %d seen, %d kept, %d dropped by aspect ratio, %d failed -> %d shard(s)",
-             t["seen"], t["kept"], t["dropped_aspect"], t["failed"], sink.n_shards)
+    log.info("shards: %d seen, %d kept (%d GIF first frames), %d dropped by aspect ratio, "
+             "%d failed -> %d shard(s)", t["seen"], t["kept"], t["gif_first_frame"],
+             t["dropped_aspect"], t["failed"], sink.n_shards)
     if t["kept"] == 0:
         raise RuntimeError(
             f"no image was kept ({t['seen']} seen, {t['dropped_aspect']} dropped by aspect "

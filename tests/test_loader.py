@@ -1,5 +1,6 @@
-"""Tests of pipeline/loader.py: shard listing and counting, seeded batch order, exactly
-steps_per_epoch batches per epoch on every rank (also in a real 2-process gloo run)."""
+"""Tests of pipeline/loader.py: shard listing and counting, refusal of incomplete shard folders,
+seeded batch order, exactly steps_per_epoch batches per epoch on every rank (also in a real
+2-process gloo run)."""
 from __future__ import annotations
 
 import io
@@ -14,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
 from PIL import Image
 
-from pipeline.loader import count_samples, make_train_loader, shard_urls
-from pipeline.params import ShardsParams
+from pipeline.loader import (IncompleteShardsError, count_samples, make_train_loader,
+                             shard_urls)
+from pipeline.params import PretrainParams, ShardsParams
 from pipeline.shards import build_shards
 
 
@@ -57,16 +59,91 @@ def test_shard_urls_and_count(shards, tmp_path):
     assert [Path(u).name for u in urls] == ["face-000000.tar", "face-000001.tar",
                                            "face-000002.tar"]
     assert count_samples(shards) == 13
-    # without stats.json the count comes from the tar headers
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for u in urls:
-        (copy / Path(u).name).write_bytes(Path(u).read_bytes())
-    assert count_samples(copy) == 13
-    with pytest.raises(FileNotFoundError, match="shards stage"):
+    with pytest.raises(FileNotFoundError, match="dvc repro shards"):
         shard_urls(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no face-NNNNNN.tar"):
+    with pytest.raises(IncompleteShardsError, match="no stats.json"):
         shard_urls(tmp_path)
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def refused(folder: Path, match: str) -> str:
+    """The error of shard_urls and count_samples on ``folder``, checked to name the folder,
+    ``match`` and the commands that complete it."""
+    for fn in (shard_urls, count_samples):
+        with pytest.raises(IncompleteShardsError, match=match) as e:
+            fn(folder)
+    msg = str(e.value)
+    assert str(folder) in msg and "dvc repro shards" in msg
+    assert (f"python -m stages.shards --params params.yaml --download data/download "
+            f"--out {folder}") in msg
+    return msg
+
+
+def test_killed_shards_run_refused(tmp_path):
+    """A run killed after 2 of 3 shards: shards on disk, no stats.json."""
+    def read_or_die(item: _Item) -> bytes:
+        if item.i == 11:
+            raise KeyboardInterrupt  # what a killed / out-of-space run amounts to
+        return _read(item)
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        build_shards([_Item(i) for i in range(13)], read_or_die, out,
+                     ShardsParams(image_size=16, samples_per_shard=5, workers=1),
+                     progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["face-000000.tar", "face-000001.tar"]
+    msg = refused(out, "no stats.json")
+    assert "did not finish" in msg and "2 shard(s)" in msg
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "missing face-000001.tar"),
+    ("extra", "not written by that run: face-000003.tar"),
+    ("temp", r"temp files .*\.tmp-face-000003\.tar\.x1y2"),
+    ("temp_stats", r"temp files .*\.tmp-stats\.json\.a1"),
+    ("old_stats", "no integer shards.count"),
+    ("kept", "total.kept=99 samples do not fit 3 shard"),
+])
+def test_incomplete_or_inconsistent_folder_refused(shards, tmp_path, damage, match):
+    folder = copy_folder(shards, tmp_path / "copy")
+    assert len(shard_urls(folder)) == 3  # the intact copy is accepted
+    stats = json.loads((folder / "stats.json").read_text())
+    if damage == "missing":
+        (folder / "face-000001.tar").unlink()
+    elif damage == "extra":
+        (folder / "face-000003.tar").write_bytes((folder / "face-000002.tar").read_bytes())
+    elif damage == "temp":
+        (folder / ".tmp-face-000003.tar.x1y2").write_bytes(b"half a shard")
+    elif damage == "temp_stats":
+        (folder / ".tmp-stats.json.a1").write_text("{")
+    elif damage == "old_stats":  # stats.json of a version that did not record the shards
+        del stats["shards"]
+        (folder / "stats.json").write_text(json.dumps(stats))
+    elif damage == "kept":
+        stats["total"]["kept"] = 99
+        (folder / "stats.json").write_text(json.dumps(stats))
+    refused(folder, match)
+
+
+def test_pretrain_refuses_incomplete_shards(shards, tmp_path):
+    """What pretraining calls (pipeline.pretrain._resolve_data) stops before training."""
+    from pipeline.pretrain import _resolve_data
+
+    folder = copy_folder(shards, tmp_path / "copy")
+    factory, steps = _resolve_data(folder, PretrainParams(steps_per_epoch=0, batch_size=4),
+                                   None, 1)
+    assert steps == 13 // 4
+    (folder / "stats.json").unlink()
+    for steps_per_epoch in (0, 5):  # counted from stats.json, or given
+        with pytest.raises(IncompleteShardsError, match="no stats.json"):
+            _resolve_data(folder, PretrainParams(steps_per_epoch=steps_per_epoch,
+                                                 batch_size=4), None, 1)
 
 
 def test_batches_decoded_and_collated(shards):

@@ -192,6 +192,22 @@ def test_rgba_composited_over_white():
     assert px[16, 28].min() >= 250
 
 
+def animated_gif(colours: list[tuple[int, int, int]], size=(40, 40)) -> bytes:
+    frames = [Image.new("RGB", size, c) for c in colours]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100,
+                   loop=0)
+    return buf.getvalue()
+
+
+def test_gif_gives_its_first_frame():
+    data = animated_gif([(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    res = process_image(data, cfg())
+    assert res.status == "kept" and res.format == "GIF" and (res.width, res.height) == (40, 40)
+    assert np.abs(decode(res.jpeg) - [255, 0, 0]).max() < 30  # frame 0, not a later one
+
+
 def test_draft_keeps_quality():
     data = encode(smooth(1000, 1000, seed=3), quality=95)
     fast = decode(process_image(data, cfg(image_size=100, draft=True)).jpeg)
@@ -220,14 +236,33 @@ def test_bad_inputs_skipped_and_counted(tmp_path, caplog):
         stats = build_shards(write_items(tmp_path, specs), read_file, tmp_path / "out", cfg(),
                              progress=False)
     assert stats["sources"] == {
-        "bad": {"seen": 5, "kept": 0, "dropped_aspect": 0, "failed": 5},
-        "good": {"seen": 4, "kept": 3, "dropped_aspect": 1, "failed": 0}}
-    assert stats["total"] == {"seen": 9, "kept": 3, "dropped_aspect": 1, "failed": 5}
+        "bad": {"seen": 5, "kept": 0, "dropped_aspect": 0, "failed": 5, "gif_first_frame": 0},
+        "good": {"seen": 4, "kept": 3, "dropped_aspect": 1, "failed": 0, "gif_first_frame": 0}}
+    assert stats["total"] == {"seen": 9, "kept": 3, "dropped_aspect": 1, "failed": 5,
+                              "gif_first_frame": 0}
+    assert stats["shards"] == {"count": 1, "samples_per_shard": 4}
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
-    for key, _ in bad_inputs():  # each failure is logged with its key
-        assert f"bad/{key}" in caplog.text
+    for key, _ in bad_inputs():  # each failure is logged with its key and reason
+        assert f"bad/{key} (undecodable)" in caplog.text
     samples = read_shard(tmp_path / "out" / "face-000000.tar")
     assert [k for k, _, _ in samples] == ["good-000000000", "good-000000001", "good-000000002"]
+
+
+def test_gifs_counted_by_name_in_stats(tmp_path):
+    # Content decides, not the name: a GIF saved as .jpg is a GIF too.
+    specs = [("faces", "a.jpg", encode(smooth(40, 30))),
+             ("faces", "b.gif", animated_gif([(0, 0, 255), (255, 255, 0)])),
+             ("faces", "c.jpg", animated_gif([(0, 255, 0)])),
+             ("faces", "wide.gif", animated_gif([(9, 9, 9)], size=(90, 30))),  # aspect 3
+             ("other", "d.png", encode(smooth(30, 30), "PNG"))]
+    stats = build_shards(write_items(tmp_path, specs), read_file, tmp_path / "out", cfg(),
+                         progress=False)
+    assert stats["sources"]["faces"] == {"seen": 4, "kept": 3, "dropped_aspect": 1,
+                                         "failed": 0, "gif_first_frame": 2}
+    assert stats["sources"]["other"]["gif_first_frame"] == 0
+    assert stats["total"]["gif_first_frame"] == 2 and stats["total"]["kept"] == 4
+    samples = read_shard(tmp_path / "out" / "face-000000.tar")
+    assert np.abs(decode(samples[1][1]) - [0, 0, 255]).max() < 30  # b.gif's first frame
 
 
 def test_shard_layout_keys_and_metadata(tmp_path):
