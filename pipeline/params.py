@@ -2,13 +2,15 @@
 
 Every stage calls :func:`load_params` before doing any work, so a typo, a wrong type or an
 out-of-range value fails at once with the dotted key's name (``ParamsError``), never after an
-hour of training. Field metadata carries the allowed range or choices; ``__post_init__`` checks
-cross-field rules. ``lambda`` is a Python keyword, so the top-level YAML key ``lambda`` maps to
-the attribute ``lambda_``.
+hour of training; so do a NaN or infinite number, a key given twice, an empty file or section
+and a file that is not YAML text. Field metadata carries the allowed range or choices;
+``__post_init__`` checks cross-field rules. ``lambda`` is a Python keyword, so the top-level
+YAML key ``lambda`` maps to the attribute ``lambda_``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -185,8 +187,10 @@ class FinetuneParams:
                 raise ParamsError(f"finetune.save_backbone_epochs: {e!r} is not an epoch "
                                   f"between 0 and finetune.epochs ({self.epochs})")
         for lam in self.sweep_lambdas:
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-                raise ParamsError(f"finetune.sweep_lambdas: {lam!r} must be a number >= 0")
+            if (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                    or not math.isfinite(lam) or lam < 0):
+                raise ParamsError(f"finetune.sweep_lambdas: {lam!r} must be a finite "
+                                  "number >= 0")
         for d in self.sweep_id_head_depths:
             if d not in (1, 2, 3) or isinstance(d, bool):
                 raise ParamsError(f"finetune.sweep_id_head_depths: {d!r} must be 1, 2 or 3")
@@ -294,6 +298,8 @@ def _check_scalar(key: str, value: Any, tp, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # NaN compares False with every bound: check it first
+            raise ParamsError(f"{key}: {value!r} is not a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{key}: expected a string, got {value!r}")
@@ -318,9 +324,11 @@ def _check_scalar(key: str, value: Any, tp, meta: dict) -> Any:
 
 def build(cls, data: Any, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
-    if data is None:
-        data = {}
     where = prefix.rstrip(".") or "params"
+    if data is None:
+        raise ParamsError(f"section {where} is empty (YAML reads '{where.split('.')[-1]}:' with "
+                          "nothing under it as null): indent its keys under it, or delete the "
+                          "line to use the defaults")
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -349,17 +357,85 @@ def build(cls, data: Any, prefix: str = ""):
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; raises ParamsError naming the offending key."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found (run from the repository root, or "
-                          "copy configs/paper.yaml to params.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from e
-    try:
-        return build(Params, data)
+        return build(Params, _read_mapping(path))
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
+
+
+def _read_mapping(path: Path) -> dict:
+    """The params file's top-level mapping; any other content fails with what to do."""
+    data = _parse_yaml(_read_text(path))
+    if data is None:
+        raise ParamsError("params file is empty (or only comments): write the parameters in "
+                          "it, e.g. `git checkout params.yaml` or copy configs/paper.yaml")
+    if not isinstance(data, dict):
+        raise ParamsError(f"the top level must be a mapping of keys (lambda:, model_size:, "
+                          f"pretrain:, ...), got {_short(data)}")
+    return data
+
+
+_TEXT_HINT = ("point the stage at the YAML params file (params.yaml), saved as UTF-8, or "
+              "restore it with `git checkout params.yaml`")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ParamsError("params file not found (run from the repository root, or "
+                          "copy configs/paper.yaml to params.yaml)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ParamsError(f"cannot read the params file: {e.strerror}") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ParamsError(f"binary file (NUL byte at offset {nul}), not YAML text: {_TEXT_HINT}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
+                          f"{_TEXT_HINT}") from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also rejects duplicate keys (YAML would keep the last)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _reject_duplicates(node, "", set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _reject_duplicates(node: yaml.Node, prefix: str, seen_nodes: set) -> None:
+    if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive one)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicates(item, f"{prefix.rstrip('.')}[{i}].", seen_nodes)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}  # scalar key -> line it is first set on
+    for key_node, value_node in node.value:
+        name, line = str(key_node.value), key_node.start_mark.line + 1
+        if name in lines:
+            where = f"in section {prefix.rstrip('.')}" if prefix else "at the top level"
+            raise ParamsError(f"duplicate key {prefix}{name} {where}: line {line} repeats line "
+                              f"{lines[name]} (YAML would silently keep the last); delete one")
+        if isinstance(key_node, yaml.ScalarNode):
+            lines[name] = line
+        _reject_duplicates(value_node, f"{prefix}{name}.", seen_nodes)
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} {text if len(text) <= n else text[:n] + '...'}"
 
 
 def to_dict(obj) -> dict:

@@ -4,14 +4,17 @@
   absolute path (``sqlite:////abs/repo/mlflow.db``). Queued DVC experiments run in temp copies
   under ``<repo>/.dvc/tmp/exps/``; those map back to the main repository so their runs are not
   lost when the copy is deleted.
-- The store and the experiment are created once under a file lock (parallel first use of a
-  fresh SQLite store races otherwise), with an explicit artifact location.
+- The store and the experiment are created once under a file lock named from a digest of the
+  resolved URI (parallel first use of a fresh SQLite store races otherwise), with an explicit
+  artifact location and the ``mlflow.experimentKind`` tag that makes the MLflow 3 UI open it
+  as a model-training experiment (its runs page), not on the GenAI overview.
 - Runs carry params, metrics, and tags for the DVC stage, the DVC experiment and the git commit.
 - Under DDP only rank 0 logs: other ranks get a tracker whose methods do nothing.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import tempfile
@@ -25,6 +28,9 @@ from pipeline.params import flatten
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "fmae-iat"
+# The MLflow 3 UI opens an experiment on its GenAI overview (traces, token usage) unless this
+# tag marks it as model training; the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 _EXPS_MARK = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
 
@@ -92,21 +98,56 @@ def _metric_key(k: str) -> str:
     return "".join(c if (c.isalnum() or c in "_-./ ") else "_" for c in k)
 
 
-def _ensure_experiment(uri: str, root: Path) -> str:
-    import mlflow
-    mlflow.set_tracking_uri(uri)
-    lock = Path(tempfile.gettempdir()) / f"fmae-iat-mlflow-{abs(hash(uri))}.lock"
-    with open(lock, "w") as fh:
+def _resolved_uri(uri: str) -> str:
+    """``uri`` with a SQLite file path made absolute and free of symlinks, so that every
+    spelling of the same store (relative, via a symlink) names the same lock."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and len(uri) > len(prefix):
+        path, sep, query = uri[len(prefix):].partition("?")
+        return f"{prefix}{Path(path).resolve()}{sep}{query}"
+    return uri
+
+
+def lock_path(uri: str) -> Path:
+    """The lock file that serialises store creation and experiment setup for ``uri``.
+
+    Named from a SHA-256 digest of the resolved URI: the built-in ``hash()`` of a str is salted
+    per process (PYTHONHASHSEED), which would give every process a lock of its own.
+    """
+    digest = hashlib.sha256(_resolved_uri(uri).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"fmae-iat-mlflow-{digest}.lock"
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    with open(lock_path(uri), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            exp = mlflow.get_experiment_by_name(EXPERIMENT)
-            if exp is None:
-                art = (root / "mlartifacts").resolve()
-                art.mkdir(parents=True, exist_ok=True)
-                return mlflow.create_experiment(EXPERIMENT, artifact_location=art.as_uri())
-            return exp.experiment_id
+            yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ensure_experiment(uri: str, root: Path) -> str:
+    """Create (or migrate) the store and the experiment under the store lock; return its id.
+
+    MLflow builds a store once per process and URI (and caches it): the first client call
+    below creates the SQLite tables or upgrades their schema, so it must run under the lock.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(EXPERIMENT)  # builds / migrates the store
+        if exp is None:
+            art = (root / "mlartifacts").resolve()
+            art.mkdir(parents=True, exist_ok=True)
+            return client.create_experiment(EXPERIMENT, artifact_location=art.as_uri(),
+                                             tags={KIND_TAG: KIND})
+        if KIND_TAG not in exp.tags:  # made before the tag was set: mark it once
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+        return exp.experiment_id
 
 
 @contextmanager

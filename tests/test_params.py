@@ -1,4 +1,5 @@
 """params.yaml is strict: unknown keys, wrong types, out-of-range values fail with the key."""
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def base() -> dict:
 
 def test_committed_params_load_and_match_code_defaults():
     p = load_params(ROOT / "params.yaml")
-    assert p.lambda_ == 2.0 and p.model_size == "tiny"
+    assert p.lambda_ == 2.0 and p.model_size == "mini"  # the CPU default (mini ViT)
     # the committed file spells out every default: nothing hidden in code that DVC cannot see
     assert to_dict(p) == to_dict(Params())
 
@@ -141,3 +142,87 @@ def test_paper_profile_keeps_the_paper_finetuning_recipe():
     assert (f.id_loss, f.id_classes, f.id_head_init) == ("bce", "dataset", "default")
     probe = load_params(ROOT / "configs" / "paper.yaml").probe
     assert (probe.epochs, probe.warmup_epochs, probe.train_fraction) == (20, 2, 0.7)
+
+
+@pytest.mark.parametrize("section, key, value", [
+    (None, "lambda", float("nan")),
+    ("finetune", "blr", float("nan")),
+    ("pretrain", "mask_ratio", float("nan")),
+    ("probe", "underfit_below", float("nan")),
+    ("pretrain", "blr", float("inf")),
+    ("finetune", "min_lr", float("-inf")),
+])
+def test_non_finite_numbers_are_named(tmp_path, section, key, value):
+    # NaN compares False with every bound, so a range check alone lets it through
+    d = {section: {key: value}} if section else {key: value}
+    p = write(tmp_path, d)  # YAML spells them .nan, .inf, -.inf
+    dotted = f"{section}.{key}" if section else key
+    with pytest.raises(ParamsError, match=rf"{dotted}: {value!r} is not a finite number"):
+        load_params(p)
+
+
+def test_non_finite_sweep_lambda_is_named(tmp_path):
+    d = {"finetune": {"sweep_lambdas": [0.5, float("nan")], "sweep_runs": ["synthetic-1"]}}
+    with pytest.raises(ParamsError, match="finetune.sweep_lambdas: nan must be a finite number"):
+        load_params(write(tmp_path, d))
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("lambda: 2.0\nseed: 0\nlambda: 3.0\n",
+     "duplicate key lambda at the top level: line 3 repeats line 1"),
+    ("lambda: 2.0\nfinetune:\n  epochs: 9\n  blr: 0.005\n  epochs: 8\n",
+     "duplicate key finetune.epochs in section finetune: line 5 repeats line 3"),
+    ("download:\n  synthetic:\n    subjects: 30\n    seed: 0\n    subjects: 30\n",
+     "duplicate key download.synthetic.subjects in section download.synthetic: "
+     "line 5 repeats line 3"),
+    ("pretrain:\n  epochs: 4\nprobe:\n  epochs: 4\npretrain:\n  blr: 0.001\n",
+     "duplicate key pretrain at the top level: line 5 repeats line 1"),
+])
+def test_duplicate_keys_are_named_with_section_and_line(tmp_path, text, msg):
+    # YAML itself keeps the last value silently, even when both are equal
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(ParamsError, match=f"^{re.escape(f'{p}: {msg}')}"):
+        load_params(p)
+
+
+def test_same_key_in_different_sections_is_not_a_duplicate(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  epochs: 4\nfinetune:\n  epochs: 9\n")
+    got = load_params(p)
+    assert (got.pretrain.epochs, got.finetune.epochs) == (4, 9)
+
+
+@pytest.mark.parametrize("content, msg", [
+    ("", "params file is empty"),
+    ("# all commented out\n\n", "params file is empty"),
+    ("- lambda\n- 2.0\n", "the top level must be a mapping of keys .*got a list"),
+    ("lambda = 2.0\n", "the top level must be a mapping of keys .*got a str"),
+    ("finetune:\n", "section finetune is empty .*indent its keys under it"),
+    ("lambda: 2.0\nfinetune:\ntables:\n  show_published: true\n", "section finetune is empty"),
+    ("download:\n  synthetic:\n", "section download.synthetic is empty"),
+])
+def test_empty_or_malformed_file_fails_naming_it(tmp_path, content, msg):
+    p = tmp_path / "params.yaml"
+    p.write_text(content)
+    with pytest.raises(ParamsError, match=f"^{re.escape(str(p))}: {msg}"):
+        load_params(p)
+
+
+@pytest.mark.parametrize("content, msg", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file"),
+    ("lambda: 2.0  # caf\u00e9\n".encode("latin-1"), r"not UTF-8 text \(byte 0xe9"),
+    (b"\xff\xfel\x00a\x00", "binary file"),  # UTF-16
+])
+def test_binary_or_non_utf8_file_fails_naming_it(tmp_path, content, msg):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(content)
+    with pytest.raises(ParamsError, match=f"^{re.escape(str(p))}: {msg}.*params.yaml"):
+        load_params(p)
+
+
+def test_explicit_empty_mapping_and_utf8_bom_still_load(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_bytes("\ufefflambda: 1.5\nfinetune: {}\n".encode("utf-8"))
+    got = load_params(p)
+    assert got.lambda_ == 1.5 and got.finetune == Params().finetune
