@@ -21,7 +21,9 @@ measured):
   and append per-frame probabilities to ``predictions.parquet``.
 
 Outputs (docs/design.md ``finetune`` contract): ``metrics.json``, ``history.csv``,
-``predictions.parquet``, ``backbones/epoch_<E:03d>.pt``.
+``predictions.parquet``, ``backbones/epoch_<E:03d>.pt``. A killed run's ``.tmp-*`` files in
+the output folder are removed when the next run starts; settings and the pretrained
+checkpoint are checked before any training.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,9 +44,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import metrics as M
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, seed_everything
+from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+                         remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
-from pipeline.models.vit import build_vit
+from pipeline.models.mae import check_finite_weights, encoder_geometry, load_checkpoint
+from pipeline.models.vit import build_vit, vit_size
 from pipeline.schedule import lr_at
 from pipeline.params import FinetuneParams
 
@@ -54,6 +59,7 @@ HISTORY_COLUMNS = ("epoch", "lr", "au_loss", "id_loss", "id_acc", "f1_mean", "au
                    "best_threshold", "best_threshold_f1_mean")
 # Raw (still JPEG-encoded) samples held per worker for shuffling; small compared to a subject.
 SHUFFLE_BUFFER = 2000
+RAND_AUGMENT_EXAMPLE = "rand-m9-mstd0.5-inc1"  # the paper's RandAugment
 
 
 # --------------------------------------------------------------------------- fold splits
@@ -123,6 +129,7 @@ def build_transforms(cfg: FinetuneParams) -> tuple[Any, Any]:
     from torchvision import transforms as T
 
     a = cfg.augment
+    check_rand_augment(a.rand_augment, cfg.image_size)
     train = create_transform(
         input_size=cfg.image_size, is_training=True, scale=(a.scale_min, 1.0),
         ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=a.hflip,
@@ -135,6 +142,37 @@ def build_transforms(cfg: FinetuneParams) -> tuple[Any, Any]:
         T.Resize((cfg.image_size, cfg.image_size), interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     return train, evaluate
+
+
+def check_rand_augment(spec: str, image_size: int = 224) -> None:
+    """Refuse a ``finetune.augment.rand_augment`` policy that timm cannot build.
+
+    Asks timm to build the policy alone. timm fails on unknown policies and sections with a
+    bare ``AssertionError`` and on bad numbers with a ``ValueError``; both become one message
+    naming the key and a valid example. A RandAugment section without a number (``rand-mX``)
+    is refused too: timm would skip it silently and train with its default.
+    """
+    if not spec:
+        return
+    from timm.data import create_transform
+
+    problem = ""
+    if spec.startswith("rand-"):
+        ignored = [c for c in spec.split("-")[1:] if not c.startswith("t")
+                   and not re.search(r"\d", c)]
+        if ignored:
+            problem = f"timm would silently ignore the section(s) {ignored}: no number"
+    if not problem:
+        try:
+            create_transform(input_size=image_size, is_training=True, auto_augment=spec,
+                             interpolation="bicubic")
+        except (AssertionError, ValueError, KeyError, TypeError, IndexError) as e:
+            problem = f"timm: {type(e).__name__}{': ' + str(e) if str(e) else ''}"
+    if problem:
+        raise ValueError(f"finetune.augment.rand_augment: {spec!r} is not a policy timm can "
+                         f"build ({problem}). Use a RandAugment spec such as "
+                         f"{RAND_AUGMENT_EXAMPLE!r} (the paper's: magnitude 9, magnitude noise "
+                         "0.5, increasing ops; nN sets the number of ops) or '' for none")
 
 
 def _posterize_keep_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -435,27 +473,42 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 def save_backbone(model: AUModel, path: Path, config: dict) -> None:
     """Encoder (incl. fc_norm) weights + the config to rebuild it, for the identity probe."""
     state = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"model": state, "config": config}, tmp)
+    atomic_torch_save(path, {"model": state, "config": config})
 
 
 def _load_checkpoint(path: Path, model_size: str, patch_size: int, image_size: int) -> dict:
+    """The pretrained state dict at ``path``, checked against the finetuning settings.
+
+    Any format :func:`pipeline.models.mae.load_checkpoint` reads. The encoder's width, depth,
+    image and patch size are read off the tensors (a bare state dict has no config) and must
+    be ``model_size``, ``finetune.image_size`` and ``pretrain.patch_size``; every weight must
+    be finite. Each refusal names the file, the values and the fix.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: pretrained checkpoint missing; run the pretrain stage "
                                 "(`dvc repro pretrain`) or set pretrain.checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a pretraining checkpoint (no 'model' state dict)")
-    conf = ckpt.get("config") or {}
-    for key, want, param in (("model_size", model_size, "model_size"),
-                             ("patch_size", patch_size, "pretrain.patch_size"),
-                             ("img_size", image_size, "finetune.image_size")):
-        if key in conf and conf[key] != want:
-            hint = (" (set finetune.image_size = pretrain.image_size; position embeddings are "
-                    "not interpolated)" if key == "img_size" else "")
-            raise ValueError(f"{path}: pretrained with {key}={conf[key]!r} but {param} is "
-                             f"{want!r}{hint}")
-    return ckpt["model"]
+    state = load_checkpoint(path)["model"]
+    try:
+        geo = encoder_geometry(state)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a pretrained ViT encoder ({e}); point --pretrained at "
+                         "the pretrain stage's checkpoint.pt") from e
+    want = vit_size(model_size)
+    if (geo["embed_dim"], geo["depth"]) != (want.embed_dim, want.depth):
+        found = f"ViT-{geo['model_size']}" if geo["model_size"] else "a ViT of no known size"
+        raise ValueError(f"{path}: holds {found} ({geo['embed_dim']} wide, {geo['depth']} "
+                         f"blocks) but model_size is {model_size!r} ({want.embed_dim} wide, "
+                         f"{want.depth} blocks); set model_size to the checkpoint's size or "
+                         "re-run pretraining")
+    if (geo["img_size"], geo["patch_size"]) != (image_size, patch_size):
+        raise ValueError(
+            f"{path}: pretrained on {geo['img_size']} px images with {geo['patch_size']} px "
+            f"patches, but finetune.image_size is {image_size} and pretrain.patch_size is "
+            f"{patch_size}; position embeddings are not interpolated. Set "
+            f"finetune.image_size = pretrain.image_size = {geo['img_size']} and "
+            f"pretrain.patch_size = {geo['patch_size']}, or re-run pretraining at the new size")
+    check_finite_weights(state, path)
+    return state
 
 
 # --------------------------------------------------------------------------- the run
@@ -481,7 +534,9 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} unknown; use one of {', '.join(VARIANTS)}")
+    t_train, t_eval = build_transforms(cfg)  # first: a bad rand_augment fails before any work
     au_dir, out_dir = Path(au_dir), Path(out_dir)
+    remove_stale_temporaries(out_dir, recursive=True)  # killed runs' .tmp-* (backbones/ too)
     meta = read_au_meta(au_dir, dataset, fold)
     aus = [int(a) for a in meta["aus"]]
     seed_everything(seed)
@@ -497,7 +552,6 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     if n_train == 0 or not train_urls:
         raise ValueError(f"{au_dir}: fold {fold} has no training samples")
     subject_ids = identity_classes(meta, train_subjects, cfg.id_classes)
-    t_train, t_eval = build_transforms(cfg)
     neg = cfg.unknown_labels == "negative"
     pin = device.type == "cuda"
     train_ds = AUShardStream(train_urls, aus, t_train, subject_ids=subject_ids,
@@ -518,7 +572,10 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     model = AUModel(encoder, len(aus), n_ids=len(subject_ids) if iat else 0,
                     id_head_depth=cfg.id_head_depth, lambda_=lambda_ if iat else 0.0,
                     id_loss=cfg.id_loss, id_head_init=cfg.id_head_init)
-    load_pretrained_encoder(model, state)
+    try:
+        load_pretrained_encoder(model, state)
+    except ValueError as e:
+        raise ValueError(f"{pretrained}: {e}") from e
     model.to(device)
     backbone_config = {"model_size": model_size, "img_size": cfg.image_size,
                        "patch_size": patch_size, "global_pool": "avg",

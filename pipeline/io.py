@@ -1,11 +1,14 @@
 """Small shared utilities: atomic writes, logging, seeding and self-describing run folders."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import platform
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,15 +28,29 @@ def setup_logging(level: int = logging.INFO) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 
+# Names atomic_path gives its temporaries: ".tmp-<name>." + mkstemp's 8 random characters
+# (a-z, 0-9, _) + an optional suffix such as ".png".
+TMP_NAME_RE = re.compile(r"^\.tmp-.+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$")
+# "no space left" and "disk quota exceeded": both mean the output's file system is full for us.
+_DISK_FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
 
-    A killed process leaves at most a ``.tmp-*`` file behind, never a half-written output.
+    A killed process leaves at most a ``.tmp-*`` file behind, never a half-written output
+    (:func:`remove_stale_temporaries` clears those). A full disk (ENOSPC/EDQUOT) anywhere in
+    the block is re-raised as an OSError of the same errno that names ``path`` and its folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full_error(path, e) from e
+        raise
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -41,9 +58,25 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         if tmp.exists():  # mkstemp makes 0600 files: give outputs the usual umask mode
             os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full_error(path, e) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _disk_full_error(path: Path, e: OSError) -> OSError:
+    """The same errno, with the output, its folder, the free space and what to do."""
+    folder = path.parent
+    try:
+        free = f", {human_bytes(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = ""
+    return OSError(e.errno, f"{path}: cannot write it, {e.strerror or os.strerror(e.errno)}"
+                            f"{free}. Free space in {folder} (or on its file system) and re-run "
+                            "the stage; no half-written file was left")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -52,6 +85,72 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically and durably (fsync before the rename).
+
+    Saves through a Python file object: torch's own file writer reports a full disk as an
+    opaque ``RuntimeError`` ("unexpected pos ..."), a Python file as OSError ENOSPC, which
+    :func:`atomic_path` turns into a message naming the folder.
+    """
+    import torch
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+    """Delete the ``.tmp-*`` files that killed runs' atomic writes left in ``folder``.
+
+    Only regular files whose names match :data:`TMP_NAME_RE` (the names :func:`atomic_path`
+    makes) are removed; anything else, symlinks and folders included, is left alone. Call it
+    at the start of a stage, on folders that only this stage writes: a temporary of a write
+    in flight in another process would be removed too. Logs each file and the bytes freed.
+
+    Args:
+        folder: a stage's output folder (missing: nothing to do).
+        recursive: also clean its subfolders (e.g. finetuning's ``backbones/``).
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    dirs = [Path(d) for d, _, _ in os.walk(folder)] if recursive else [folder]
+    removed, freed = [], 0
+    for d in dirs:
+        with os.scandir(d) as entries:
+            stale = [e for e in entries
+                     if TMP_NAME_RE.match(e.name) and e.is_file(follow_symlinks=False)]
+        for entry in stale:
+            size = entry.stat(follow_symlinks=False).st_size
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:  # gone meanwhile: nothing to free
+                continue
+            log.info("removed stale temporary %s (%s) left by a killed run", entry.path,
+                     human_bytes(size))
+            removed.append(Path(entry.path))
+            freed += size
+    if removed:
+        log.info("removed %d stale temporary file(s) under %s: %s freed", len(removed),
+                 folder, human_bytes(freed))
+    return sorted(removed)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; 100 -> '100 B'."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,9 +10,15 @@ Recipe (MAE reference main_pretrain.py / engine_pretrain.py, as FMAE ran it):
 - bf16 autocast where supported, fp16 with a GradScaler on GPUs without bf16.
 
 What the reference code lacks and this adds (method.md section 8): the data order is a pure
-function of (seed, epoch); an atomic resume checkpoint with every RNG of every rank, so a
-killed run continues bit-for-bit; a NaN/inf loss stops the run naming the epoch and step; a
-per-epoch reconstruction figure of four fixed images; metrics.json and loss.csv for DVC.
+function of (seed, epoch) for a given ``pretrain.num_workers``, batch size and world size,
+not of (seed, epoch) alone: each DataLoader worker draws its own shard stream and shuffle from
+(seed, rank, worker, epoch) and the cross-worker shuffle buffer's size depends on the number of
+workers (pipeline/loader.py), so changing ``num_workers`` changes the batches, and a run
+resumed with another ``num_workers`` continues, but not bit-for-bit; an atomic resume
+checkpoint with every RNG of every rank, so a killed run continues bit-for-bit; a NaN/inf loss
+stops the run naming the epoch and step; a per-epoch reconstruction figure of four fixed
+images; metrics.json and loss.csv for DVC. A killed run's ``.tmp-*`` files (a partial resume
+checkpoint is as large as the real one) are removed when the next run starts.
 """
 from __future__ import annotations
 
@@ -34,9 +40,11 @@ from torch import nn
 
 from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier,
                                   unwrap, wrap_ddp)
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, seed_everything
-from pipeline.models.mae import (MAE, encoder_state_dict, infer_config, is_decoder_key,
-                                 load_checkpoint, mae_from_config, save_checkpoint)
+from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+                         remove_stale_temporaries, seed_everything)
+from pipeline.models.mae import (MAE, check_finite_weights, encoder_state_dict, infer_config,
+                                 is_decoder_key, load_checkpoint, mae_from_config,
+                                 save_checkpoint)
 from pipeline.schedule import lr_at
 from pipeline.params import PretrainParams
 from pipeline.tracking import Tracker
@@ -333,8 +341,7 @@ def _save_resume(path: Path, *, model: nn.Module, optimizer, scaler, epoch: int,
                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                "epoch": epoch, "global_step": global_step, "rng": rng, "config": run_config,
                "history": history, "epoch_stats": epoch_stats}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(path, payload)
     log.info("resume checkpoint: %s (epoch %d, step %d)", path, epoch, global_step)
 
 
@@ -355,6 +362,15 @@ class OutputPaths:
         return cls(out_dir, Path(state_dir) if state_dir else out_dir / "state",
                    Path(metrics) if metrics else out_dir / "metrics.json",
                    Path(loss_csv) if loss_csv else out_dir / "loss.csv")
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete killed runs' ``.tmp-*`` files from the output and state folders.
+
+        Call it on the writing rank before anything is written: a killed run leaves a
+        ``.tmp-last.pt.*`` as large as the resume checkpoint (gigabytes at ViT-L).
+        """
+        return [p for d in dict.fromkeys((self.out_dir, self.state_dir))
+                for p in remove_stale_temporaries(d)]
 
 
 def pretrain(shard_dir: Path | None, out_dir: Path, cfg: PretrainParams, *, model_size: str,
@@ -408,6 +424,8 @@ def train_mae(shard_dir: Path | None, out: Path | OutputPaths, cfg: PretrainPara
     paths = out if isinstance(out, OutputPaths) else OutputPaths.make(Path(out))
     out_dir = paths.out_dir
     info = dist_info or _single_process()
+    if info.is_main:  # only rank 0 writes
+        paths.remove_stale_temporaries()
     tracker = tracker if (tracker is not None and info.is_main) else Tracker(active=False)
     device = info.device
     factory, steps = _resolve_data(shard_dir, cfg, loader_factory, info.world_size)
@@ -477,7 +495,8 @@ def train_mae(shard_dir: Path | None, out: Path | OutputPaths, cfg: PretrainPara
         loader = factory(batch_size=cfg.batch_size, steps_per_epoch=steps,
                          num_workers=cfg.num_workers,
                          map_sample=MapSample(cfg.image_size, cfg.flip),
-                         seed=seed + epoch,  # data order: a pure function of (seed, epoch)
+                         # data order: a pure function of (seed, epoch) and num_workers
+                         seed=seed + epoch,
                          rank=info.rank, world_size=info.world_size)
         stats, global_step, rows = train_one_epoch(
             ddp_model, loader, optimizer, scaler, epoch=epoch + 1, steps=steps,
@@ -582,19 +601,41 @@ def _write_loss_csv(path: Path, rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- import
+def _check_serves_params(src: Path, config: dict, cfg: PretrainParams) -> None:
+    """Refuse a checkpoint whose image or patch size differs from the params'.
+
+    Finetuning builds its encoder with ``pretrain.patch_size`` at ``finetune.image_size``
+    (meant to equal ``pretrain.image_size``) and loads the position embeddings as they are.
+    """
+    img, patch = config["img_size"], config["patch_size"]
+    if (img, patch) != (cfg.image_size, cfg.patch_size):
+        raise ValueError(
+            f"{src}: pretrained on {img} px images with {patch} px patches, but "
+            f"pretrain.image_size is {cfg.image_size} and pretrain.patch_size is "
+            f"{cfg.patch_size}; finetuning would build a different encoder (position "
+            f"embeddings are not interpolated). Set pretrain.image_size: {img}, "
+            f"pretrain.patch_size: {patch} and finetune.image_size: {img} in params.yaml, or "
+            "use a checkpoint of the configured size")
+
+
 def import_checkpoint(src: Path, out: Path | OutputPaths, cfg: PretrainParams, *,
                       model_size: str, tracker: Tracker | None = None) -> dict:
     """Validate a released FMAE/MAE checkpoint and write it as <out_dir>/checkpoint.pt.
 
     The encoder must load into a timm ViT of ``model_size`` with strict key matching; decoder
-    keys, when present, must load into an MAE too. The output carries a plain config (no
-    pickled argparse namespace), so downstream stages read it with weights_only=True.
+    keys, when present, must load into an MAE too. Its image and patch size must be
+    ``pretrain.image_size`` and ``pretrain.patch_size`` (finetuning builds its encoder from
+    them and does not interpolate position embeddings) and every weight must be finite, so a
+    checkpoint that cannot serve finetuning is refused here, not stages later. The output
+    carries a plain config (no pickled argparse namespace), so downstream stages read it with
+    weights_only=True.
     """
     from pipeline.models.vit import build_vit
 
     src = Path(src)
     paths = out if isinstance(out, OutputPaths) else OutputPaths.make(Path(out))
     out_dir = paths.out_dir
+    paths.remove_stale_temporaries()
     ck = load_checkpoint(src)
     state = ck["model"]
     config = ck["config"]
@@ -618,6 +659,8 @@ def import_checkpoint(src: Path, out: Path | OutputPaths, cfg: PretrainParams, *
     except RuntimeError as e:
         raise ValueError(f"{src}: the encoder weights do not fit a timm ViT-{model_size} "
                          f"({config['img_size']} px, patch {config['patch_size']}): {e}") from e
+    _check_serves_params(src, config, cfg)
+    check_finite_weights(state, src)
     model = mae_from_config(config)
     has_decoder = any(is_decoder_key(k) for k in state)
     if has_decoder:

@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -271,7 +273,8 @@ def test_stage_script(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "lambda": 0.5, "pretrain": {"image_size": 32, "patch_size": 8},
+        "lambda": 0.5, "model_size": "tiny",  # the checkpoint's size, whatever the default
+        "pretrain": {"image_size": 32, "patch_size": 8},
         "finetune": {"image_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8,
                      "save_backbone_epochs": [1], "num_workers": 0,
                      "augment": {"rand_augment": ""}}}))
@@ -311,3 +314,96 @@ def test_train_transform_survives_posterize_to_zero_bits():
     img = Image.fromarray(np.full((40, 40, 3), 200, np.uint8))
     assert np.asarray(op(img)).max() == 0  # black, as older Pillow gave
     assert train(img).shape == (3, 32, 32) and evaluate(img).shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- hardening
+def _stale(folder: Path, name: str) -> Path:
+    """A temporary named as pipeline.io.atomic_path names it, left by a killed run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)
+    os.write(fd, b"partial" * 100)
+    os.close(fd)
+    return Path(tmp)
+
+
+def test_killed_runs_temporaries_are_removed_at_the_start(tmp_path):
+    au_dir = make_au_shards(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "out"
+    stale = [_stale(out, "predictions.parquet"), _stale(out, "history.csv"),
+             _stale(out / "backbones", "epoch_001.pt")]
+    mine = [out / "notes.txt", out / ".tmp-notes", out / "backbones" / "epoch_000.pt.bak"]
+    for p in mine:
+        p.write_text("not the pipeline's")
+    assert all(p.is_file() for p in stale)
+    finetune(au_dir, ckpt, out, cfg(epochs=1, warmup_epochs=0, save_backbone_epochs=[1]),
+             dataset="synthetic", fold=1, variant="fmae", lambda_=0.0, model_size="tiny",
+             patch_size=8, seed=0)
+    assert not any(p.exists() for p in stale)
+    assert [p.read_text() for p in mine] == ["not the pipeline's"] * 3
+    assert sorted(p.name for p in out.rglob(".tmp-*")) == [".tmp-notes"]
+    assert (out / "predictions.parquet").is_file()
+    assert (out / "backbones" / "epoch_001.pt").is_file()
+
+
+@pytest.mark.parametrize("spec", ["rand-x9", "randaug", "rand_m9", "foo", "rand-m9.5",
+                                  "rand-mX-mstd0.5"])
+def test_unknown_rand_augment_policy_fails_first_naming_the_key(tmp_path, spec):
+    # Nothing exists: the policy must be refused before the shards or checkpoint are read.
+    with pytest.raises(ValueError, match=r"finetune\.augment\.rand_augment: .* is not a policy "
+                                         r"timm can build \(.+\)\. Use a RandAugment spec such "
+                                         r"as 'rand-m9-mstd0\.5-inc1'"):
+        finetune(tmp_path / "no-shards", tmp_path / "none.pt", tmp_path / "out",
+                 cfg(augment={"rand_augment": spec}), dataset="synthetic", fold=1,
+                 variant="fmae", lambda_=0.0, model_size="tiny", patch_size=8, seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_rand_augment_policies_are_accepted():
+    from pipeline.finetune import check_rand_augment
+    for spec in ("", "rand-m9-mstd0.5-inc1", "rand-n2-m9", "rand-m9-mstd0.5-inc1-tweights",
+                 "augmix-m5-w4-d2", "v0"):
+        check_rand_augment(spec, 32)
+
+
+def _run_with(tmp_path, ckpt, **kw):
+    au_dir = tmp_path / "synthetic"
+    if not au_dir.exists():
+        make_au_shards(tmp_path)
+    return finetune(au_dir, ckpt, tmp_path / "out", cfg(**kw), dataset="synthetic", fold=1,
+                    variant="fmae", lambda_=0.0, model_size="tiny", patch_size=8, seed=0)
+
+
+def test_text_file_as_pretrained_checkpoint_is_named(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_text("outs:\n- md5: 0123abcd\n  path: checkpoint.pt\n")  # e.g. a .dvc file
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a checkpoint: the file is text"):
+        _run_with(tmp_path, ckpt)
+
+
+def test_checkpoint_without_config_is_checked_by_its_shapes(tmp_path, monkeypatch):
+    # A bare encoder state dict (no config to compare): patch 16 at 32 px, finetuned at patch 8.
+    enc = vit.build_vit("tiny", 32, 16, global_pool="token")
+    ckpt = tmp_path / "bare.pt"
+    torch.save(enc.state_dict(), ckpt)
+    with pytest.raises(ValueError, match=r"bare\.pt: pretrained on 32 px images with 16 px "
+                                         r"patches, but finetune\.image_size is 32 and "
+                                         r"pretrain\.patch_size is 8.*pretrain\.patch_size = 16"):
+        _run_with(tmp_path, ckpt)
+    monkeypatch.setitem(vit.VIT_SIZES, "wide", vit.ViTSize(48, 3, 2, 8))
+    wide = vit.build_vit("wide", 32, 8, global_pool="token")
+    torch.save({"model": wide.state_dict()}, ckpt)
+    with pytest.raises(ValueError, match=r"bare\.pt: holds ViT-wide \(48 wide, 3 blocks\) "
+                                         r"but model_size is 'tiny' \(32 wide, 2 blocks\)"):
+        _run_with(tmp_path, ckpt)
+
+
+def test_checkpoint_with_nan_weights_is_refused_before_training(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    saved = torch.load(ckpt, weights_only=True)
+    saved["model"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match=r"ckpt\.pt: 1 of \d+ weight tensors hold NaN or inf "
+                                         r"\(e\.g\. \['blocks\.0\.attn\.qkv\.weight'\]\)"):
+        _run_with(tmp_path, ckpt)
+    assert not (tmp_path / "out" / "history.csv").exists()

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
+import os
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +53,7 @@ IMAGES = [face(i) for i in range(40)]
 
 def memory_factory(images=IMAGES):
     """make_train_loader's interface over a list of PIL images; the order depends only on
-    (seed, rank), like the real loader."""
+    (seed, rank), like the real loader with a fixed num_workers."""
     def factory(*, batch_size, steps_per_epoch, num_workers, map_sample, seed, rank,
                 world_size):
         def batches():
@@ -156,6 +160,31 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "a" / "loss.csv").read_text() == (tmp_path / "b" / "loss.csv").read_text()
 
 
+def _stale(folder: Path, name: str, size: int = 4096) -> Path:
+    """A temporary named as pipeline.io.atomic_path names it, left by a killed run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)
+    os.write(fd, b"\0" * size)
+    os.close(fd)
+    return Path(tmp)
+
+
+def test_killed_runs_temporaries_are_removed_at_the_start(tmp_path, caplog):
+    out, state = tmp_path / "model", tmp_path / "state"  # as dvc.yaml splits them
+    stale = [_stale(state, "last.pt", 8192), _stale(out, "checkpoint.pt"),
+             _stale(out, "recon_epoch1.png")]
+    mine = [state / "notes.txt", state / ".tmp-last.pt", out / "checkpoint.pt.bak"]
+    for p in mine:
+        p.write_text("not the pipeline's")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        pretrain(None, out, tiny_cfg(epochs=1, warmup_epochs=0, steps_per_epoch=1),
+                 model_size=SIZE, seed=0, state_dir=state, loader_factory=memory_factory())
+    assert not any(p.exists() for p in stale)
+    assert [p.read_text() for p in mine] == ["not the pipeline's"] * 3
+    assert "removed stale temporary" in caplog.text and "8.0 KiB freed" in caplog.text
+    assert (out / "checkpoint.pt").is_file()
+
+
 def test_resume_with_changed_settings_is_refused(tmp_path):
     train_mae(None, tmp_path, tiny_cfg(epochs=2), model_size=SIZE, seed=0,
               loader_factory=memory_factory(), stop_after_epoch=1)
@@ -207,8 +236,10 @@ def test_released_checkpoint_is_validated_and_converted(tmp_path):
     src = tmp_path / "fmae_micro.pth"
     model = _reference_checkpoint(src, decoder_dim=64, decoder_depth=2, decoder_heads=16)
     out = tmp_path / "pretrain"
+    stale = _stale(out, "checkpoint.pt")  # an import killed while writing
     m = pretrain(tmp_path / "no-shards", out, tiny_cfg(checkpoint=str(src)), model_size=SIZE,
                  seed=0)
+    assert not stale.exists() and not list(out.glob(".tmp-*"))
     assert m["trained"] is False and m["source_epoch"] == 49 and m["has_decoder"] is True
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["config"]["decoder_dim"] == 64 and ck["config"]["decoder_depth"] == 2

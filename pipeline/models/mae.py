@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_torch_save
 from pipeline.models.vit import sincos_pos_embed_2d, vit_size
 
 log = logging.getLogger(__name__)
@@ -316,8 +316,7 @@ def save_checkpoint(path: str | Path, model: nn.Module | dict[str, torch.Tensor]
         model = getattr(model, "module", model).state_dict()  # unwrap DDP
     state = {k: v.detach().cpu() for k, v in model.items()}
     payload = {"model": state, "config": json.loads(json.dumps(config)), "epoch": int(epoch)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(path, payload)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -333,20 +332,65 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
       globals). ``args`` comes back as a plain dict of its attributes;
     - a bare state dict, and ``.safetensors`` files (config from the metadata key
       ``config`` when present).
+    The format is read off the file's first bytes, so a safetensors file loads whatever
+    its name.
     Never uses ``weights_only=False``: a file that needs other classes raises an error that
-    says how to convert it if you trust it.
+    says how to convert it if you trust it. Files that are no checkpoint (empty, text, a Git
+    LFS pointer) or are truncated raise a ValueError naming the file, not torch's or
+    safetensors' bare error. The weights are not checked here (see
+    :func:`check_finite_weights` and :func:`encoder_geometry`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; check pretrain.checkpoint")
-    if path.suffix == ".safetensors":
+    kind = _file_kind(path)  # the content decides; the suffix only for unknown binaries
+    if kind not in ("zip", "pickle", "safetensors", "binary"):
+        raise ValueError(f"{path}: not a checkpoint: the file is {kind}. Expected a torch "
+                         "checkpoint (.pt/.pth, a zip archive) or a .safetensors file; check "
+                         "the path, or re-download the file")
+    if kind == "safetensors" or (kind == "binary" and path.suffix == ".safetensors"):
         return _load_safetensors(path)
+    if path.suffix == ".safetensors":  # torch.load would read it as safetensors and fail
+        raise ValueError(f"{path}: a torch checkpoint ({kind} format) named .safetensors; "
+                         "rename it to .pt")
+    return _normalise_checkpoint(_torch_load(path), path)
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes of ``path`` say it is: zip (torch >= 1.6), pickle (older torch),
+    safetensors, binary (anything else, left to torch.load), or a description of a file that
+    is certainly no checkpoint (empty, a Git LFS pointer, text)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{" and \
+            int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (run `git lfs pull`)"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    if all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"text (it starts with {first!r})"
+    return "binary"
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` only if needed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise ValueError(
                 f"{path}: refusing to unpickle this checkpoint: it contains objects other than "
@@ -354,10 +398,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "convert it once with: python -c \"import torch; c = torch.load('IN', "
                 "weights_only=False); torch.save({'model': c['model']}, 'OUT')\" and point "
                 "pretrain.checkpoint at OUT") from first
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e}); "
-                         "re-download or re-create it") from e
-    return _normalise_checkpoint(obj, path)
+        except Exception as e:  # noqa: BLE001 - see below
+            raise _unreadable(path, e) from e
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}); it "
+                      "is truncated or not a checkpoint: re-download or re-create it")
 
 
 def _normalise_checkpoint(obj: Any, path: Path) -> dict[str, Any]:
@@ -390,18 +439,64 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: reading .safetensors needs the 'safetensors' package "
                          "(pip install safetensors), or convert the file to .pt") from None
     state = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and I/O errors alike
+        raise ValueError(f"{path}: not a readable .safetensors file ({e}); it is truncated or "
+                         "not safetensors: re-download or re-create it") from e
     config = None
     if "config" in meta:
         try:
             config = json.loads(meta["config"])
         except json.JSONDecodeError:
             log.warning("%s: metadata 'config' is not JSON; ignoring it", path)
+        if not isinstance(config, dict):
+            config = None
     epoch = int(meta["epoch"]) if str(meta.get("epoch", "")).isdigit() else None
     return {"model": _strip_prefixes(state), "config": config, "epoch": epoch, "args": None}
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a state dict whose floating-point tensors hold NaN or inf, naming the tensors.
+
+    Such weights load fine and only fail later (a NaN loss in the first finetuning step that
+    looks like a learning-rate problem).
+    """
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of {len(state)} weight tensors hold NaN or inf "
+                         f"(e.g. {bad[:5]}); the checkpoint is corrupt or from a diverged run. "
+                         "Use an earlier or re-downloaded checkpoint, or re-run pretraining "
+                         "(lower pretrain.blr, or set pretrain.amp to bf16 or off)")
+
+
+def encoder_geometry(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The encoder's shape, read off a state dict's tensors (not its config).
+
+    Returns:
+        ``{"img_size", "patch_size", "embed_dim", "depth", "model_size"}``; ``model_size`` is
+        the first ``VIT_SIZES`` entry of that width and depth, or None.
+    """
+    from pipeline.models.vit import VIT_SIZES
+
+    need = ("patch_embed.proj.weight", "pos_embed", "cls_token")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"state dict lacks encoder keys {missing}; is this a ViT/MAE "
+                         "checkpoint with timm names?")
+    D, _, p, _ = state["patch_embed.proj.weight"].shape  # (D, 3, p, p)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    L = state["pos_embed"].shape[1] - 1  # (1, 1 + L, D)
+    grid = int(round(L ** 0.5))
+    if grid * grid != L:
+        raise ValueError(f"pos_embed has {L} patch positions, not a square grid")
+    sizes = [n for n, s in VIT_SIZES.items() if s.embed_dim == D and s.depth == depth]
+    return {"img_size": grid * int(p), "patch_size": int(p), "embed_dim": int(D),
+            "depth": depth, "model_size": sizes[0] if sizes else None}
 
 
 def infer_config(state: dict[str, torch.Tensor], *, decoder_heads: int = 16,
@@ -414,21 +509,11 @@ def infer_config(state: dict[str, torch.Tensor], *, decoder_heads: int = 16,
     """
     from pipeline.models.vit import VIT_SIZES
 
-    need = ("patch_embed.proj.weight", "pos_embed", "cls_token")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ValueError(f"state dict lacks encoder keys {missing}; is this a ViT/MAE "
-                         "checkpoint with timm names?")
-    D, C, p, _ = state["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    sizes = [n for n, s in VIT_SIZES.items() if s.embed_dim == D and s.depth == depth]
-    if not sizes:
-        raise ValueError(f"encoder is {D} wide and {depth} deep, which matches no size in "
+    geo = encoder_geometry(state)
+    if geo["model_size"] is None:
+        raise ValueError(f"encoder is {geo['embed_dim']} wide and {geo['depth']} deep, which "
+                         "matches no size in "
                          f"{ {n: (s.embed_dim, s.depth) for n, s in VIT_SIZES.items()} }")
-    L = state["pos_embed"].shape[1] - 1
-    grid = int(round(L ** 0.5))
-    if grid * grid != L:
-        raise ValueError(f"pos_embed has {L} patch positions, not a square grid")
     if "decoder_embed.weight" in state:
         dd = int(state["decoder_embed.weight"].shape[0])
         ddepth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
@@ -437,6 +522,7 @@ def infer_config(state: dict[str, torch.Tensor], *, decoder_heads: int = 16,
     if dd % decoder_heads:
         raise ValueError(f"decoder width {dd} is not divisible by decoder_heads "
                          f"{decoder_heads}")
-    return {"model_size": sizes[0], "img_size": grid * int(p), "patch_size": int(p),
-            "decoder_dim": dd, "decoder_depth": ddepth, "decoder_heads": int(decoder_heads),
-            "norm_pix_loss": bool(norm_pix_loss), "mask_ratio": float(mask_ratio)}
+    return {"model_size": geo["model_size"], "img_size": geo["img_size"],
+            "patch_size": geo["patch_size"], "decoder_dim": dd, "decoder_depth": ddepth,
+            "decoder_heads": int(decoder_heads), "norm_pix_loss": bool(norm_pix_loss),
+            "mask_ratio": float(mask_ratio)}
