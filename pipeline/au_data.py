@@ -9,6 +9,9 @@ the public protocol facts in ``/work/shared/reference/protocols.md``:
 - Readers for each dataset's on-disk layout, yielding :class:`AuRecord` (one labelled frame;
   label -1 = not coded / unknown). BP4D's "9" is read as -1; whether unknown counts as absent
   or is masked out is the finetuning stage's choice (``finetune.unknown_labels``).
+- DISFA frames are decoded straight from its videos (``Videos_<Left|Right>Camera/*.avi``, via
+  :mod:`pipeline.video`), or read from extracted frames (``Images_<Left|Right>Camera``) where
+  a subject has them.
 - The published subject-exclusive parts; fold k tests on part k and trains on the others
   (folds are named by their test part because repositories number them differently).
 - :func:`build_au_shards` writes the ``data/au_shards/<dataset>/`` contract of docs/design.md:
@@ -33,7 +36,7 @@ import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -43,6 +46,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.faces import BoxCrop
 from pipeline.io import atomic_path, atomic_write_json, read_json, setup_logging
 from pipeline.params import AuShardsParams
 
@@ -191,6 +195,9 @@ class AuRecord:
     """One labelled frame.
 
     ``labels[i]`` is the label of ``au_set(dataset)[i]``: 1 present, 0 absent, -1 unknown.
+    ``image`` is an image file, or a video file when ``video_frame`` (the frame's 0-based
+    index in that video, see :mod:`pipeline.video`) is set; ``frame`` stays the dataset's own
+    frame number (DISFA: 1-based, ``video_frame = frame - 1``).
     """
     dataset: str
     subject: str
@@ -199,6 +206,7 @@ class AuRecord:
     image: Path
     labels: np.ndarray = field(repr=False)  # (n_aus,) int8
     crop: Crop | None = field(default=None, repr=False, compare=False)
+    video_frame: int | None = None
 
     @property
     def key(self) -> str:
@@ -211,12 +219,20 @@ class AuRecord:
         Args:
             draft: when set and no crop is used, let libjpeg decode at the smallest DCT scale
                 that is still at least ``draft`` pixels on each side (much faster for BP4D's
-                1040x1392 frames; the result is resized to ``draft`` anyway).
+                1040x1392 frames; the result is resized to ``draft`` anyway). Ignored for
+                video frames.
+
+        A video frame is decoded by :func:`pipeline.video.read_frame`, which keeps the last
+        video open: loading the records of one video in frame order decodes it once.
         """
-        with Image.open(self.image) as im:
-            if draft and self.crop is None and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))
-            im = im.convert("RGB")
+        if self.video_frame is not None:
+            from pipeline.video import read_frame  # imported here: only video records need av
+            im = read_frame(self.image, self.video_frame)
+        else:
+            with Image.open(self.image) as im:
+                if draft and self.crop is None and im.format == "JPEG":
+                    im.draft("RGB", (draft, draft))
+                im = im.convert("RGB")
         if self.crop is not None:
             im = self.crop(im)
         return im
@@ -402,18 +418,16 @@ def read_bp4d_layout(root: str | Path, dataset: str, *, subjects: Iterable[str] 
 
 
 def _disfa_images_dir(root: Path, camera: str) -> Path:
+    """``Images_<Cam>Camera``: pre-extracted frames ``<SN>/<frame>.jpg`` (may not exist)."""
     if camera not in ("left", "right"):
         raise ValueError(f"DISFA camera must be 'left' or 'right', got {camera!r}")
+    return root / f"Images_{camera.capitalize()}Camera"
+
+
+def _disfa_video(root: Path, camera: str, subject: str) -> Path:
+    """``Videos_<Cam>Camera/<Cam>Video<SN>_comp.avi``, e.g. ``RightVideoSN001_comp.avi``."""
     cam = camera.capitalize()
-    d = root / f"Images_{cam}Camera"
-    if not d.is_dir():
-        raise FileNotFoundError(
-            f"{d}: DISFA frames missing. This pipeline reads pre-extracted frames (decoding "
-            f"videos would need a new dependency). Extract them with ffmpeg, 1-based to match "
-            f"the label files, e.g. for each subject SNxxx:\n  mkdir -p {d}/SNxxx && ffmpeg -i "
-            f"{root}/Videos_{cam}Camera/{cam}VideoSNxxx_comp.avi -start_number 1 -q:v 2 "
-            f"{d}/SNxxx/%d.jpg\n(or set au_shards.disfa_camera to the camera you extracted)")
-    return d
+    return root / f"Videos_{cam}Camera" / f"{cam}Video{subject}_comp.avi"
 
 
 def _read_disfa_au(path: Path) -> dict[int, int]:
@@ -440,11 +454,23 @@ def _read_disfa_au(path: Path) -> dict[int, int]:
 def read_disfa(root: str | Path, *, camera: str = "right", threshold: int = 2,
                subjects: Iterable[str] | None = None, crop: Crop | None = None,
                counts: Counter | None = None) -> Iterator[AuRecord]:
-    """Frames of DISFA: ``ActionUnit_Labels/<SN>/<SN>_au<k>.txt`` + pre-extracted frames.
+    """Frames of DISFA: ``ActionUnit_Labels/<SN>/<SN>_au<k>.txt`` + extracted frames or videos.
 
     Labels are binarised as ``intensity >= threshold``; a frame absent from one AU's file gets
-    -1 for that AU. Frames come from ``Images_<Left|Right>Camera/<SN>/<frame>.jpg`` (1-based
-    frame numbers, any zero padding). The task is the camera name (``left``/``right``).
+    -1 for that AU. The task is the camera name (``left``/``right``). Per subject, frames come
+    from ``Images_<Cam>Camera/<SN>/<frame>.jpg`` (1-based frame numbers, any zero padding) when
+    that folder holds frames, else straight from ``Videos_<Cam>Camera/<Cam>Video<SN>_comp.avi``:
+    label frame k is video frame k-1 (records carry ``video_frame``; decoding happens in
+    :meth:`AuRecord.load`). The video's frame count (:func:`pipeline.video.count_frames`) is
+    checked against the labels: labelled frames past its end are skipped and counted in
+    ``counts["missing_frames"]``, extra video frames are ignored; both are warned about with
+    the file and both counts. A subject with neither frames nor video is warned about and all
+    its frames are counted missing.
+
+    Raises:
+        FileNotFoundError: no label folder, or neither ``Images_<Cam>Camera`` nor
+            ``Videos_<Cam>Camera`` exists.
+        ValueError, OSError: a subject's video cannot be read.
     """
     root = Path(root)
     lab = root / "ActionUnit_Labels"
@@ -452,6 +478,14 @@ def read_disfa(root: str | Path, *, camera: str = "right", threshold: int = 2,
         raise FileNotFoundError(f"{lab}: DISFA label folder missing; expected "
                                 f"ActionUnit_Labels/<SNxxx>/<SNxxx>_au<k>.txt under {root}")
     images = _disfa_images_dir(root, camera)
+    cam = camera.capitalize()
+    videos = root / f"Videos_{cam}Camera"
+    if not images.is_dir() and not videos.is_dir():
+        raise FileNotFoundError(
+            f"DISFA {camera} camera: neither {videos} nor {images} exists. Place the DISFA "
+            f"videos as {videos}/{cam}VideoSNxxx_comp.avi (read directly, label frame k = the "
+            f"k-th video frame), or extracted frames as {images}/SNxxx/<frame>.jpg (1-based, as "
+            f"the label files); or set au_shards.disfa_camera to the camera you have")
     counts = counts if counts is not None else Counter()
     on_disk = sorted(p.name for p in lab.iterdir() if p.is_dir())
     wanted = on_disk if subjects is None else sorted(set(subjects))
@@ -466,18 +500,46 @@ def read_disfa(root: str | Path, *, camera: str = "right", threshold: int = 2,
         frames = sorted(set().union(*per_au))
         counts["label_rows"] += len(frames)
         files = _frame_files(images / subject)
-        missing = [fr for fr in frames if fr not in files]
-        if missing:
-            counts["missing_frames"] += len(missing)
-            log.warning("DISFA %s: %d of %d labelled frames have no image under %s (e.g. frame "
-                        "%d); skipped", subject, len(missing), len(frames), images / subject,
-                        missing[0])
+        video = _disfa_video(root, camera, subject)
+        use_video = not files and video.is_file()
+        if use_video:
+            from pipeline.video import count_frames  # imported here: only videos need av
+            n_video = count_frames(video)
+            missing = [fr for fr in frames if not 1 <= fr <= n_video]
+            extra = n_video - (frames[-1] if frames else 0)
+            if missing or n_video != len(frames):
+                what = ([f"{len(missing)} labelled frames are not in the video and are "
+                         "skipped"] if missing else []) + (
+                    [f"its last {extra} frames have no labels and are ignored"]
+                    if extra > 0 else [])
+                log.warning("DISFA %s: %s has %d frames but the labels have %d rows (frames "
+                            "%d..%d; label frame k = the k-th video frame); %s", subject, video,
+                            n_video, len(frames), frames[0] if frames else 0,
+                            frames[-1] if frames else 0,
+                            "; ".join(what) or "frames matched by number")
+        elif not files:
+            missing = frames
+            if frames:
+                log.warning("DISFA %s: no frames under %s and no video %s; its %d labelled "
+                            "frames are skipped", subject, images / subject, video, len(frames))
+        else:
+            missing = [fr for fr in frames if fr not in files]
+            if missing:
+                log.warning("DISFA %s: %d of %d labelled frames have no image under %s (e.g. "
+                            "frame %d); skipped", subject, len(missing), len(frames),
+                            images / subject, missing[0])
+        counts["missing_frames"] += len(missing)
+        skip = set(missing)
         for fr in frames:
-            if fr not in files:
+            if fr in skip:
                 continue
             labels = np.array([(-1 if fr not in a else int(a[fr] >= threshold)) for a in per_au],
                               dtype=np.int8)
-            yield AuRecord("disfa", subject, camera, fr, files[fr], labels, crop)
+            if use_video:
+                yield AuRecord("disfa", subject, camera, fr, video, labels, crop,
+                               video_frame=fr - 1)
+            else:
+                yield AuRecord("disfa", subject, camera, fr, files[fr], labels, crop)
 
 
 def list_subjects(dataset: str, root: str | Path) -> list[str]:
@@ -535,8 +597,13 @@ def _write_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> None:
 
 
 def _build_subject(dataset: str, root: str, subject: str, out_dir: str, cfg: AuShardsParams,
-                   crop: Crop | None) -> dict:
-    """Shard one subject (runs in a worker). Returns index rows, shard names and counts."""
+                   crop: Crop | None, boxes: Mapping[str, tuple | None] | None = None) -> dict:
+    """Shard one subject (runs in a worker). Returns index rows, shard names and counts.
+
+    ``boxes`` (frame key -> face box or None) replaces ``crop`` by the reference face crop of
+    each frame's own box (:class:`pipeline.faces.BoxCrop`); a frame without a box is skipped
+    and counted as ``no_face``.
+    """
     counts: Counter = Counter()
     aus = list(AU_SETS[dataset])
     rows: list[tuple] = []
@@ -551,6 +618,8 @@ def _build_subject(dataset: str, root: str, subject: str, out_dir: str, cfg: AuS
 
     for rec in read_au_dataset(dataset, root, cfg, subjects=[subject], crop=crop,
                                counts=counts):
+        if boxes is not None:
+            rec = replace(rec, crop=BoxCrop(boxes.get(rec.key), square=cfg.face_square))
         try:
             jpg = _encode(rec, cfg.image_size, cfg.jpeg_quality)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -594,7 +663,8 @@ def _parts_for(dataset: str, subjects: list[str], n_synthetic: int
 
 
 def build_au_shards(dataset: str, root: Path, out_dir: Path, cfg: AuShardsParams, *,
-                    crop: Crop | None = None, progress: bool = True) -> dict:
+                    crop: Crop | None = None, boxes: Mapping[str, tuple | None] | None = None,
+                    progress: bool = True) -> dict:
     """Write the ``au_shards`` contract of docs/design.md for one dataset; returns meta.json.
 
     Per subject ``<subject>-%06d.tar`` (``cfg.samples_per_shard`` samples each), then
@@ -608,6 +678,9 @@ def build_au_shards(dataset: str, root: Path, out_dir: Path, cfg: AuShardsParams
         cfg: the ``au_shards`` params section.
         crop: optional face crop; must be picklable (a module-level function) when more than
             one worker runs.
+        boxes: frame key -> face box (None = no face), from the detection pass
+            (:func:`pipeline.au_faces.detect_dataset`): each frame is cropped to its box
+            enlarged by 5% per side (the reference) before the resize.
         progress: show a tqdm bar over subjects.
     """
     _check_dataset(dataset)
@@ -638,7 +711,10 @@ def build_au_shards(dataset: str, root: Path, out_dir: Path, cfg: AuShardsParams
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("%s: sharding %d subjects from %s with %d worker(s)", dataset, len(subjects),
              root, workers)
-    args = [(dataset, str(root), s, str(out_dir), cfg, crop) for s in subjects]
+    args = [(dataset, str(root), s, str(out_dir), cfg, crop,
+             None if boxes is None else {k: v for k, v in boxes.items()
+                                         if k.startswith(f"{s}_")})
+            for s in subjects]
     results: dict[str, dict] = {}
     bar = tqdm(total=len(subjects), desc=f"au_shards {dataset}", unit="subject",
                disable=not progress)

@@ -14,8 +14,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.au_data import build_au_shards, label_stats, load_index
-from pipeline.io import atomic_write_json, setup_logging, write_run_info
+from pipeline.au_data import build_au_shards, label_stats, list_subjects, load_index
+from pipeline.au_faces import (agreement_with_truth, boxes_by_key, detect_dataset, detector_tag,
+                               no_face_per_subject, no_face_table)
+from pipeline.faces import make_detector
+from pipeline.io import atomic_path, atomic_write_json, setup_logging, write_run_info
+from pipeline.synthetic import FACE_BOXES
 from pipeline.params import load_params, to_dict
 from pipeline.tracking import start_run
 
@@ -26,6 +30,29 @@ def dataset_root(download: Path, dataset: str) -> Path:
     return download / "synthetic" / "au" if dataset == "synthetic" else download / dataset
 
 
+def detect_faces(dataset: str, root: Path, out: Path, cfg, cache_dir: Path) -> dict | None:
+    """The detection pass (``au_shards.face_crop: detect``): boxes per frame key, stats, and
+    ``<out>/no_face.csv`` listing the frames left out. None when cropping is off."""
+    if cfg.face_crop != "detect":
+        return None
+    subjects = list_subjects(dataset, root)
+    df, counts = detect_dataset(
+        dataset, root, subjects, cfg, cache_dir / f"{dataset}.parquet",
+        lambda: make_detector(cfg.face_detector, min_face=cfg.face_min_size,
+                              max_side=cfg.face_max_side, threshold=cfg.face_threshold))
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "no_face.csv", suffix=".csv") as tmp:
+        no_face_table(df).to_csv(tmp, index=False)
+    st = {**counts, "no_face_per_subject": no_face_per_subject(df),
+          "detector": detector_tag(cfg), "square": cfg.face_square}
+    truth = root / FACE_BOXES
+    if dataset == "synthetic" and truth.is_file():
+        st["truth"] = agreement_with_truth(df, truth)
+        log.info("synthetic faces against the known boxes: %s", st["truth"])
+        st.update({f"truth_{k}": v for k, v in st["truth"].items()})
+    return {"boxes": boxes_by_key(df), "stats": st}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -34,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("data/au_shards"))
     ap.add_argument("--stats", type=Path, default=None,
                     help="metrics file (default: <out>/stats.json)")
+    ap.add_argument("--faces", type=Path, default=Path("data/au_shards/faces"),
+                    help="face detection cache, one <dataset>.parquet (kept across runs)")
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
@@ -45,11 +74,18 @@ def main(argv: list[str] | None = None) -> None:
         stats: dict[str, dict] = {}
         for dataset in params.download.au_datasets:
             out = args.out / dataset
-            meta = build_au_shards(dataset, dataset_root(args.download, dataset), out, cfg)
+            root = dataset_root(args.download, dataset)
+            faces = detect_faces(dataset, root, out, cfg, args.faces)
+            meta = build_au_shards(dataset, root, out, cfg,
+                                   boxes=None if faces is None else faces["boxes"])
             ls = label_stats(load_index(out), meta["aus"])
             stats[dataset] = {**meta["counts"], **ls,
                               "parts": {k: len(v) for k, v in meta["parts"].items()}}
             flat = {f"{dataset}.{k}": v for k, v in meta["counts"].items()}
+            if faces is not None:
+                stats[dataset]["faces"] = faces["stats"]
+                flat.update({f"{dataset}.faces.{k}": v for k, v in faces["stats"].items()
+                             if isinstance(v, (int, float))})
             flat[f"{dataset}.unknown_rate"] = ls["unknown_rate"]
             flat.update({f"{dataset}.positive_rate.{au}": r
                          for au, r in ls["positive_rate"].items()})

@@ -115,10 +115,12 @@ def test_bp4d_plus_compact_and_header_csv(tmp_path):
     assert recs[2].labels.tolist() == [1] * 6 + [-1] * 6
 
 
-def _disfa(root: Path, subject: str, intens: dict[int, list[int]], frames: list[int]) -> None:
-    """intens: AU -> intensity per frame (frames 1..n); images for ``frames``."""
+def _disfa(root: Path, subject: str, intens: dict[int, list[int]], frames: list[int],
+           rows: int = 4) -> None:
+    """intens: AU -> intensity per frame (frames 1..n, other AUs: ``rows`` zeros); images for
+    ``frames``."""
     for au in DISFA_AUS:
-        vals = intens.get(au, [0] * 4)
+        vals = intens.get(au, [0] * rows)
         lines = [f"{i},{v}" for i, v in enumerate(vals, start=1)]
         p = root / "ActionUnit_Labels" / subject / f"{subject}_au{au}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +143,125 @@ def test_disfa_intensity_threshold(tmp_path):
     # a higher threshold flips intensity 2 to negative
     recs3 = list(read_disfa(root, threshold=3))
     assert [r.labels[i1] for r in recs3] == [0, 0, 0, 1]
-    with pytest.raises(FileNotFoundError, match="ffmpeg"):
+    with pytest.raises(FileNotFoundError, match="Videos_LeftCamera.*LeftVideoSNxxx_comp.avi"
+                       ".*Images_LeftCamera/SNxxx/<frame>.jpg"):
         list(read_disfa(root, camera="left"))
+
+
+def _shade(k: int) -> np.ndarray:
+    """Video frame k's (0 <= k < 30) solid RGB colour; neighbours differ by 7 levels."""
+    return np.array([20 + 7 * k, 220 - 7 * k, 60 + 5 * (k % 20)], dtype=np.uint8)
+
+
+def _shade_of(im: Image.Image, tol: float = 3) -> int:
+    """Which video frame a (decoded, maybe resized and re-encoded) image shows."""
+    mean = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0)
+    d = [np.abs(mean - _shade(k)).max() for k in range(30)]
+    assert min(d) < tol, mean
+    return int(np.argmin(d))
+
+
+def _disfa_video(root: Path, subject: str, n: int, camera: str = "Right") -> Path:
+    """``Videos_<camera>Camera/<camera>Video<subject>_comp.avi``: n mjpeg frames of 32x24,
+    frame k (0-based) a solid ``_shade(k)``."""
+    import av
+    path = root / f"Videos_{camera}Camera" / f"{camera}Video{subject}_comp.avi"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mjpeg", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 24, "yuvj444p"
+        for k in range(n):
+            a = np.broadcast_to(_shade(k), (24, 32, 3)).copy()
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def test_disfa_from_video(tmp_path):
+    root = tmp_path / "disfa"
+    _disfa(root, "SN001", {1: [0, 1, 2, 5, 3, 0], 12: [3, 2, 1, 0, 0, 4]}, [], rows=6)
+    video = _disfa_video(root, "SN001", 6)
+    assert not (root / "Images_RightCamera").exists()
+    counts: Counter = Counter()
+    recs = list(read_disfa(root, counts=counts))
+    assert [r.frame for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r.video_frame for r in recs] == [0, 1, 2, 3, 4, 5]
+    assert all(r.image == video and r.task == "right" for r in recs)
+    assert counts["label_rows"] == 6 and counts["missing_frames"] == 0
+    i1, i12 = DISFA_AUS.index(1), DISFA_AUS.index(12)
+    assert [r.labels[i1] for r in recs] == [0, 0, 1, 1, 1, 0]
+    assert [r.labels[i12] for r in recs] == [1, 1, 0, 0, 0, 1]
+    # label frame k shows the video's k-th frame: in order, the video is decoded once ...
+    from pipeline import video as video_mod
+    video_mod.close_cached()
+    assert [_shade_of(r.load()) for r in recs] == [0, 1, 2, 3, 4, 5]
+    assert (video_mod._cached[1].opens, video_mod._cached[1].decoded) == (1, 6)
+    # ... and going back re-reads it
+    assert _shade_of(recs[1].load(draft=16)) == 1 and recs[1].load().size == (32, 24)
+    assert recs[2].load().size == (32, 24)
+    cropped = au_data.AuRecord("disfa", "SN001", "right", 4, video, recs[3].labels,
+                               crop=lambda im: im.crop((0, 0, 8, 8)), video_frame=3)
+    assert cropped.load().size == (8, 8) and _shade_of(cropped.load()) == 3
+
+    # through the shards: each sample's image is its labelled video frame
+    out = tmp_path / "out"
+    meta = build_au_shards("disfa", root, out, AuShardsParams(image_size=16, workers=1),
+                           progress=False)
+    assert meta["counts"]["frames"] == 6 and meta["counts"]["missing_frames"] == 0
+    index = load_index(out)
+    assert list(index["key"]) == [f"SN001_right_{k}" for k in range(1, 7)]
+    (tar,) = sorted(set(index["shard"]))
+    samples = _read_tar(out / tar)
+    for k in range(1, 7):
+        im = Image.open(io.BytesIO(samples[f"SN001_right_{k}"]["jpg"]))
+        assert im.size == (16, 16) and _shade_of(im, tol=5) == k - 1
+
+
+def test_disfa_video_length_mismatch(tmp_path, caplog):
+    root = tmp_path / "disfa"
+    _disfa(root, "SN001", {}, [], rows=8)
+    _disfa_video(root, "SN001", 6)  # 2 labelled frames short
+    _disfa(root, "SN002", {}, [], rows=8)
+    _disfa_video(root, "SN002", 10)  # 2 unlabelled frames at the end
+    counts: Counter = Counter()
+    with caplog.at_level(logging.WARNING):
+        recs = list(read_disfa(root, counts=counts))
+    assert [(r.subject, r.frame) for r in recs] == (
+        [("SN001", k) for k in range(1, 7)] + [("SN002", k) for k in range(1, 9)])
+    assert counts["label_rows"] == 16 and counts["missing_frames"] == 2
+    short = [m for m in caplog.messages if "RightVideoSN001_comp.avi" in m]
+    long = [m for m in caplog.messages if "RightVideoSN002_comp.avi" in m]
+    assert len(short) == len(long) == 1
+    assert "has 6 frames but the labels have 8 rows" in short[0]
+    assert "2 labelled frames are not in the video" in short[0]
+    assert "has 10 frames but the labels have 8 rows" in long[0]
+    assert "last 2 frames have no labels and are ignored" in long[0]
+    assert _shade_of(recs[-1].load()) == 7
+
+
+def test_disfa_extracted_frames_win_and_missing_subject(tmp_path, caplog):
+    root = tmp_path / "disfa"
+    _disfa(root, "SN001", {}, [1, 2, 3, 4])  # extracted frames ...
+    _disfa_video(root, "SN001", 4)  # ... and the video: frames are used, as before
+    _disfa(root, "SN002", {}, [])
+    _disfa_video(root, "SN002", 4)  # only the video
+    _disfa(root, "SN003", {}, [])  # neither
+    counts: Counter = Counter()
+    with caplog.at_level(logging.WARNING):
+        recs = list(read_disfa(root, counts=counts))
+    by = {s: [r for r in recs if r.subject == s] for s in ("SN001", "SN002", "SN003")}
+    assert [(r.image.name, r.video_frame) for r in by["SN001"]] == [
+        (f"{k}.jpg", None) for k in range(1, 5)]
+    assert [(r.image.name, r.video_frame) for r in by["SN002"]] == [
+        ("RightVideoSN002_comp.avi", k) for k in range(4)]
+    assert by["SN003"] == [] and counts["missing_frames"] == 4
+    assert any("SN003" in m and "no video" in m and "RightVideoSN003_comp.avi" in m
+               for m in caplog.messages)
+    (root / "Videos_RightCamera" / "RightVideoSN002_comp.avi").write_bytes(b"garbage" * 20)
+    with pytest.raises(ValueError, match=r"RightVideoSN002_comp\.avi: cannot open"):
+        list(read_disfa(root, subjects=["SN002"]))
 
 
 # --------------------------------------------------------------------------- folds
