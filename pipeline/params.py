@@ -24,7 +24,7 @@ MODEL_SIZES = ("mini", "tiny", "small", "base", "large", "huge")
 # Sources the download stage knows (see pipeline/sources.py for how each is obtained).
 PRETRAIN_SOURCES = (
     "synthetic", "celeba", "ffhq", "vggface2", "casia_webface", "megaface",
-    "edface_celeb_1m", "umdfaces", "laion_face",
+    "edface_celeb_1m", "umdfaces", "laion_face", "folder",
 )
 AU_DATASETS = ("synthetic", "bp4d", "bp4d_plus", "disfa")
 # Number of subject-exclusive parts per dataset (protocols.md); synthetic is a param.
@@ -54,10 +54,13 @@ def F(default: Any, lo=None, hi=None, *, lo_open=False, hi_open=False, choices=N
 class SyntheticParams:
     """The built-in synthetic face data (pipeline/synthetic.py)."""
     subjects: int = F(30, 3, 500, doc="number of synthetic subjects (AU dataset)")
-    tasks: int = F(2, 1, 8, doc="tasks per subject, named T1..Tn like BP4D")
-    frames_per_task: int = F(20, 2, 10000)
-    frame_size: int = F(128, 32, 1024, doc="side of the square AU frames in pixels")
-    pool_images: int = F(600, 10, 10_000_000, doc="in-the-wild pretraining pool size")
+    tasks: int = F(8, 1, 8, doc="tasks per subject, named T1..Tn like BP4D")
+    frames_per_task: int = F(25, 2, 10000)
+    frame_size: int = F(144, 32, 1024, doc="height of the AU frames in pixels")
+    wild: bool = F(True, doc="AU frames are 4:3 scenes with the face off-centre at a known "
+                             "box (au/face_boxes.csv), cropped by au_shards' detector; false "
+                             "= square face-centred frames")
+    pool_images: int = F(2000, 10, 10_000_000, doc="in-the-wild pretraining pool size")
     pool_broken: int = F(7, 0, 1000, doc="corrupt/odd files added to the pool")
     seed: int = F(0, 0)
 
@@ -95,6 +98,16 @@ class AuShardsParams:
     disfa_threshold: int = F(2, 1, 5, doc="DISFA AU is positive when intensity >= this")
     synthetic_parts: int = F(3, 2, 100, doc="subject-exclusive parts of the synthetic set")
     workers: int = F(0, 0, 1024)
+    face_crop: str = F("detect", choices=("detect", "none"),
+                       doc="detect: detector box + 5% per side (reference); none: whole frame")
+    face_detector: str = F("mtcnn", choices=("mtcnn",))
+    face_square: bool = F(False, doc="make the box square about its centre before the margin")
+    face_threshold: float = F(0.5, 0.0, 1.0, hi_open=True,
+                              doc="score a face needs at the detector's last stage "
+                                  "(MTCNN: 0.7 as facenet-pytorch)")
+    face_min_size: int = F(40, 8, 4096, doc="smallest face side in detection-image pixels")
+    face_max_side: int = F(640, 64, 16384, doc="longer side frames are downscaled to for "
+                                                "detection only")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ small data set in which that phenomenon is present by construction, so the whole
 (MAE pretraining -> AU finetuning with and without IAT -> identity probing) can be run and
 inspected offline in minutes:
 
-* every subject has stable, easily learned traits (face shape, skin tone, eye spacing, nose and
-  mouth geometry, hair, background, clothes, glasses, earrings), and
+* every subject has stable traits of the face and head (face shape, skin tone, eye spacing,
+  nose and mouth geometry, hair, glasses, earrings) while the surroundings are shared, as in a
+  lab recording: each task is filmed in one of a few scenes (background, clothes) and under
+  lighting drawn from one distribution, so identity must be read from the face, and
 * every subject has its own AU base rates (expression propensities drawn from Beta
   distributions, e.g. some subjects smile far more than others), with labels that form
   temporally smooth episodes within a task (like BP4D video segments),
@@ -41,7 +43,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -54,7 +56,7 @@ from pipeline.params import SyntheticParams
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 # The 15 AUs drawn by the renderer, in BP4D column order (the 12 BP4D AUs plus DISFA's 9, 25, 26).
 AUS: tuple[int, ...] = (1, 2, 4, 6, 7, 9, 10, 12, 14, 15, 17, 23, 24, 25, 26)
@@ -86,7 +88,7 @@ AU_REGIONS: dict[int, list[tuple[float, float, float, float]]] = {
     10: [(-0.38, 0.04, 0.38, 0.40)],
     12: [(-0.44, 0.04, 0.44, 0.46)],
     14: [(-0.42, 0.12, 0.42, 0.45)],
-    15: [(-0.38, 0.12, 0.38, 0.50)],
+    15: [(-0.40, 0.12, 0.40, 0.64)],
     17: [(-0.32, 0.12, 0.32, 0.80)],
     23: [(-0.32, 0.12, 0.32, 0.48)],
     24: [(-0.34, 0.08, 0.34, 0.52)],
@@ -119,11 +121,22 @@ _ODD_EXT = {"truncated_jpeg": "jpg", "not_an_image": "jpg", "empty_file": "jpg",
 
 # Face size in AU frames: the face box (plus hair) nearly fills the frame, like a detector crop
 # enlarged by 5% (protocols.md, "Face crop"), leaving some background at the sides.
-AU_FRAME_SCALE = 1.3
+AU_FRAME_SCALE = 1.65
+# AU recordings share the lab, as in BP4D: every (subject, task) is filmed in one of a few
+# scenes (background and clothes from one pool; lighting is drawn per task from one
+# distribution), so nothing outside the face tells who is in the frame.
+N_SCENES = 1
+# Wild AU frames (``download.synthetic.wild``): a 4:3 frame of height ``frame_size`` with the
+# face (one face unit = this x half the frame height) placed off-centre per task over a
+# cluttered background, like a lab camera's full frame. The face box is known (see
+# :func:`face_box`), so the detect-and-crop path of au_shards has a ground truth.
+WILD_FACE_SCALE = 0.8
+WILD_ASPECT = 4 / 3
 _JPEG_QUALITY = 90
 
 # SeedSequence stream ids: adding subjects or pool images never changes existing ones.
-_S_SUBJECT, _S_LABELS, _S_FRAME, _S_POOL_ID, _S_POOL_IMG, _S_POOL_PLAN, _S_ODD = range(1, 8)
+_S_SUBJECT, _S_LABELS, _S_FRAME, _S_POOL_ID, _S_POOL_IMG, _S_POOL_PLAN, _S_ODD, _S_SCENE = \
+    range(1, 9)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -196,10 +209,19 @@ def _mix(a: Color, b: Color, t: float) -> Color:
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
 
 
-def sample_traits(rng: np.random.Generator, sex: str = "F") -> FaceTraits:
-    """Draw one identity. ``sex`` ('F'/'M') only shifts hair, face width and earrings odds."""
+def sample_traits(rng: np.random.Generator, sex: str = "F", cohort: bool = False) -> FaceTraits:
+    """Draw one identity. ``sex`` ('F'/'M') only shifts hair, face width and earrings odds.
+
+    ``cohort``: an AU-study participant rather than a face from the wild. Participants'
+    skin tones, hair colours and styles come from a narrower shared palette and accessories
+    are rare, so no single glance (hair colour, glasses) names a subject: identity has to be
+    read from the combination of face geometry and tone, as a network must learn it on BP4D.
+    The random draws are the same either way, so ``cohort`` changes only the palette.
+    """
     u = rng.uniform
     skin_idx = u(0, len(_SKIN_TONES) - 1)
+    if cohort:  # the middle tones, overlapping once lighting varies
+        skin_idx = 1.5 + skin_idx / (len(_SKIN_TONES) - 1) * 2.0
     lo = int(skin_idx)
     skin = _mix(_SKIN_TONES[lo], _SKIN_TONES[min(lo + 1, len(_SKIN_TONES) - 1)], skin_idx - lo)
     skin = _jitter_color(rng, skin, 8)
@@ -207,8 +229,10 @@ def sample_traits(rng: np.random.Generator, sex: str = "F") -> FaceTraits:
     face_h = u(0.62, 0.72)
     eye_y = face_cy + u(-0.14, -0.08)
     nose_tip_y = eye_y + u(0.22, 0.28)
-    hair_color = _pick(rng, _HAIR_COLORS)
+    hair_color = _pick(rng, _HAIR_COLORS[:3] if cohort else _HAIR_COLORS)
     styles = HAIR_STYLES if sex == "F" else ("short", "bald", "side", "short", "afro", "bangs")
+    if cohort:
+        styles = ("short", "side", "bangs", "long") if sex == "F" else ("short", "side")
     bg1 = tuple(int(v) for v in rng.integers(30, 230, 3))
     bg2 = _mix(bg1, tuple(int(v) for v in rng.integers(0, 256, 3)), u(0.3, 0.8))
     return FaceTraits(
@@ -248,12 +272,43 @@ def sample_traits(rng: np.random.Generator, sex: str = "F") -> FaceTraits:
         bg2=bg2,
         bg_period=u(0.08, 0.3),
         clothes=tuple(int(v) for v in rng.integers(0, 256, 3)),
-        glasses=int(rng.choice(3, p=(0.6, 0.2, 0.2))),
+        glasses=int(rng.choice(3, p=(0.9, 0.05, 0.05) if cohort else (0.6, 0.2, 0.2))),
         glasses_color=_pick(rng, ((20, 20, 20), (120, 30, 30), (200, 170, 60), (40, 40, 120))),
-        earrings=int(rng.choice(3, p=(0.5, 0.25, 0.25) if sex == "F" else (0.85, 0.1, 0.05))),
+        earrings=int(rng.choice(3, p=(0.9, 0.05, 0.05) if cohort else (0.5, 0.25, 0.25)
+                                if sex == "F" else (0.85, 0.1, 0.05))),
         earring_color=_pick(rng, ((230, 200, 60), (210, 210, 220), (200, 40, 60))),
         mole=(float(u(-0.4, 0.4)), float(u(-0.05, 0.45))) if u() < 0.3 else None,
     )
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A recording set-up shared by many subjects: what surrounds the face."""
+    background: str
+    bg1: Color
+    bg2: Color
+    bg_period: float
+    clothes: Color
+
+
+def sample_scenes(seed: int, n: int = N_SCENES) -> list[Scene]:
+    """The shared pool of AU recording scenes (drawn like a subject's own surroundings)."""
+    scenes = []
+    for i in range(n):
+        t = sample_traits(_rng(seed, _S_SCENE, i))
+        scenes.append(Scene(t.background, t.bg1, t.bg2, t.bg_period, t.clothes))
+    return scenes
+
+
+def in_scene(traits: FaceTraits, scene: Scene) -> FaceTraits:
+    """The identity's face and hair in a shared scene's background and clothes."""
+    return replace(traits, background=scene.background, bg1=scene.bg1, bg2=scene.bg2,
+                   bg_period=scene.bg_period, clothes=scene.clothes)
+
+
+def task_scene(seed: int, subject_idx: int, task_idx: int, n: int = N_SCENES) -> int:
+    """Which shared scene a subject's task was recorded in (uniform, independent of identity)."""
+    return int(_rng(seed, _S_SCENE, 1000 + subject_idx, task_idx).integers(n))
 
 
 # --------------------------------------------------------------------------- per-image conditions
@@ -271,14 +326,32 @@ class Shot:
     noise: float = 0.0        # Gaussian noise sigma, grey levels
     seed: int = 0             # noise (and clutter) seed
     clutter: int = 0          # random shapes in the background ("in the wild")
+    clutter_seed: int = -1    # clutter layout seed; -1 = ``seed`` (static clutter in a video)
 
 
 def _sample_au_shot(rng: np.random.Generator) -> Shot:
     """Small jitter of a cooperative, frontal recording (AU frames)."""
-    return Shot(dx=rng.normal(0, 0.025), dy=rng.normal(0, 0.025), angle=rng.normal(0, 3.0),
-                scale=AU_FRAME_SCALE * rng.uniform(0.95, 1.05), gain=rng.uniform(0.85, 1.15),
-                slope_x=rng.normal(0, 0.12), slope_y=rng.normal(0, 0.06),
-                blur=float(rng.choice((0.0, 0.0, 0.4, 0.8))), noise=rng.uniform(1.0, 5.0),
+    return Shot(dx=rng.normal(0, 0.015), dy=rng.normal(0, 0.015), angle=rng.normal(0, 2.0),
+                scale=AU_FRAME_SCALE * rng.uniform(0.97, 1.03), gain=rng.uniform(0.9, 1.1),
+                slope_x=rng.normal(0, 0.08), slope_y=rng.normal(0, 0.04),
+                blur=float(rng.choice((0.0, 0.0, 0.0, 0.4))), noise=rng.uniform(1.0, 4.0),
+                seed=int(rng.integers(2**31)))
+
+
+# Share of pool images that are aligned face crops. Face9M is mostly such crops (CelebA's
+# aligned set, FFHQ, the VGGFace2 / CASIA / MegaFace / UMDFaces crops); the rest are looser,
+# in-the-wild framings (LAION-Face).
+POOL_ALIGNED = 0.8
+
+
+def _sample_pool_shot(rng: np.random.Generator) -> Shot:
+    """Framing of a pool image: an aligned face crop, or a wild one (:data:`POOL_ALIGNED`)."""
+    if rng.uniform() >= POOL_ALIGNED:
+        return _sample_wild_shot(rng)
+    return Shot(dx=rng.normal(0, 0.04), dy=rng.normal(0, 0.04), angle=rng.normal(0, 4.0),
+                scale=AU_FRAME_SCALE * rng.uniform(0.85, 1.15), gain=rng.uniform(0.75, 1.2),
+                slope_x=rng.normal(0, 0.2), slope_y=rng.normal(0, 0.1),
+                blur=float(rng.choice((0.0, 0.0, 0.5, 1.0))), noise=rng.uniform(0.0, 6.0),
                 seed=int(rng.integers(2**31)))
 
 
@@ -448,13 +521,29 @@ def _face_outline(tr: FaceTraits, jaw_drop: float) -> tuple[np.ndarray, np.ndarr
     return xs, ys
 
 
+def _draw_shading(c: _Canvas, tr: FaceTraits) -> None:
+    """Soft relief under the features: darker face sides and eye sockets, the shadow under
+    the nose. Drawn faces without it are flat, and photo-trained detectors miss more of
+    them (MTCNN keys on the dark eye band over a lighter cheek line)."""
+    side, socket = _shadow(tr.skin, 0.14), _shadow(tr.skin, 0.2)
+    for s in (-1, 1):
+        c.ellipse(s * tr.face_w * 0.8, tr.face_cy + 0.04, tr.face_w * 0.2, tr.face_h * 0.62,
+                  side)
+        c.ellipse(s * tr.eye_dx, tr.eye_y - tr.eye_ry * 0.4, tr.eye_rx * 1.55,
+                  tr.eye_ry * 2.3, socket)
+    c.ellipse(0.0, tr.nose_tip_y + 0.045, tr.nose_w * 0.8, 0.022, socket)
+
+
 def _draw_eye(c: _Canvas, tr: FaceTraits, side: int, aus: Mapping[int, float]) -> None:
     """Eye aperture = ellipse minus skin-coloured lids; AU6/AU7 raise the lower lid, AU7 and
     AU4 lower the upper lid. (Widening the eye would be AU5, which is not drawn.)"""
     ex, ey, rx, ry = side * tr.eye_dx, tr.eye_y, tr.eye_rx, tr.eye_ry
     a6, a7, a4 = (_au(aus, k) for k in (6, 7, 4))
-    upper = np.clip(0.08 + 0.34 * a7 + 0.12 * a4, 0.0, 0.8)
-    lower = np.clip(0.05 + 0.38 * a6 + 0.26 * a7, 0.0, 0.8)
+    upper = 0.08 + 0.45 * a7 + 0.25 * a4
+    lower = 0.05 + 0.4 * a6 + 0.4 * a7
+    shut = upper + lower  # never fully closed: the eye stays a visible slit (AU43 is not drawn)
+    if shut > 0.75:
+        upper, lower = upper * 0.75 / shut, lower * 0.75 / shut
     c.ellipse(ex, ey, rx, ry, _SCLERA)
     c.ellipse(ex, ey, ry * 0.95, ry * 0.95, tr.iris)
     c.ellipse(ex, ey, ry * 0.42, ry * 0.42, (15, 12, 12))
@@ -472,14 +561,14 @@ def _draw_eye(c: _Canvas, tr: FaceTraits, side: int, aus: Mapping[int, float]) -
     c.line(ex + x[inside], lid_t[inside], (35, 22, 20), 0.014)
     c.line(ex + x[inside], lid_b[inside], _shadow(tr.skin, 0.45), 0.008)
     if a6 > 0:  # crow's feet and the raised-cheek bulge under the eye
-        col = _shadow(tr.skin, 0.55 * a6)
+        col = _shadow(tr.skin, 0.9 * a6)
         for k in (-1, 0, 1):
-            c.line([ex + side * (rx + 0.015), ex + side * (rx + 0.065)],
-                   [ey + k * 0.022, ey + k * 0.04], col, 0.01)
-        c.line(ex + x * 0.8, ey + ry + 0.03 - 0.01 * q, col, 0.01)
+            c.line([ex + side * (rx + 0.015), ex + side * (rx + 0.075)],
+                   [ey + k * 0.025, ey + k * 0.045], col, 0.02)
+        c.line(ex + x * 0.8, ey + ry + 0.03 - 0.01 * q, col, 0.02)
     if a7 > 0:  # tightened lower lid: a tense line just below the aperture
-        c.line(ex + x[inside] * 0.9, lid_b[inside] + 0.012,
-               _shadow(tr.skin, 0.45 * a7), 0.009)
+        c.line(ex + x[inside] * 0.9, lid_b[inside] + 0.016,
+               _shadow(tr.skin, 1.0 * a7), 0.034)
 
 
 def _draw_brows(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
@@ -488,33 +577,33 @@ def _draw_brows(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
     a1, a2, a4 = _au(aus, 1), _au(aus, 2), _au(aus, 4)
     by = tr.eye_y - tr.brow_gap
     for s in (-1, 1):
-        xi = tr.eye_dx - tr.eye_rx * 1.0 - 0.045 * a4          # AU4 pulls the brows together
+        xi = tr.eye_dx - tr.eye_rx * 1.0 - 0.09 * a4           # AU4 pulls the brows together
         xo = tr.eye_dx + tr.eye_rx * 1.3
-        yi = by + 0.005 - 0.09 * a1 + 0.06 * a4                 # AU1 lifts the inner end
-        yo = by + 0.012 - 0.095 * a2 + 0.035 * a4               # AU2 lifts the outer end
+        yi = by + 0.005 - 0.14 * a1 + 0.12 * a4                 # AU1 lifts the inner end
+        yo = by + 0.012 - 0.14 * a2 + 0.07 * a4                # AU2 lifts the outer end
         t = np.linspace(0, 1, 7)
         cx = xi + (xo - xi) * t
         cy = yi + (yo - yi) * t - (tr.brow_arch + 0.02 * (a1 + a2)) * np.sin(np.pi * t) * 1.2
         th = tr.brow_thick * (1.0 - 0.45 * t)
         c.poly(s * np.concatenate([cx, cx[::-1]]),
                np.concatenate([cy - th / 2, (cy + th / 2)[::-1]]), tr.brow_color)
-    wr = 0.012
+    wr = 0.022
     if a1 > 0:  # central forehead wrinkles above the raised inner brows
-        col = _shadow(tr.skin, 0.5 * a1)
+        col = _shadow(tr.skin, 0.85 * a1)
         x = np.linspace(-0.15, 0.15, 7)
-        for dy in (0.055, 0.10):
-            c.line(x, by - 0.09 * a1 - dy + 0.025 * (x / 0.15) ** 2, col, wr)
+        for dy in (0.05, 0.10):
+            c.line(x, by - 0.12 * a1 - dy + 0.025 * (x / 0.15) ** 2, col, wr)
     if a2 > 0:  # lateral forehead wrinkles above the raised outer brows
-        col = _shadow(tr.skin, 0.5 * a2)
+        col = _shadow(tr.skin, 0.85 * a2)
         for s in (-1, 1):
             x = np.linspace(0.13, 0.36, 6)
-            for dy in (0.06, 0.105):
-                c.line(s * x, by - 0.07 * a2 - dy - 0.02 * np.sin((x - 0.13) / 0.23 * np.pi),
+            for dy in (0.055, 0.105):
+                c.line(s * x, by - 0.1 * a2 - dy - 0.02 * np.sin((x - 0.13) / 0.23 * np.pi),
                        col, wr)
     if a4 > 0:  # vertical glabella furrows between the lowered brows
-        col = _shadow(tr.skin, 0.6 * a4)
+        col = _shadow(tr.skin, 0.9 * a4)
         for s in (-1, 1):
-            c.line([s * 0.028, s * 0.022], [by - 0.03, by + 0.07], col, 0.013)
+            c.line([s * 0.035, s * 0.024], [by - 0.05, by + 0.09], col, 0.035)
 
 
 def _draw_nose(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
@@ -524,32 +613,32 @@ def _draw_nose(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
     c.line([s * tr.nose_w * 0.35, s * tr.nose_w * 0.6], [tr.eye_y + 0.05, tr.nose_tip_y - 0.03],
            shade, 0.012)
     c.ellipse(0.0, tr.nose_tip_y - 0.01, tr.nose_w * 0.55, 0.035, _shadow(tr.skin, 0.08))
-    lift = 0.022 * a9 + 0.01 * a10                              # AU9/AU10 raise the nostrils
-    flare = 1.0 + 0.45 * a9
+    lift = 0.05 * a9 + 0.015 * a10                             # AU9/AU10 raise the nostrils
+    flare = 1.0 + 0.8 * a9
     for side in (-1, 1):
         nx, ny = side * tr.nose_w * 0.62 * flare, tr.nose_tip_y + 0.022 - lift
         c.ellipse(nx, ny, 0.022 * flare, 0.012, (60, 35, 35))
         c.ellipse(side * (tr.nose_w * 0.95 * flare), ny - 0.008, 0.03 * flare, 0.034, None,
                   outline=shade, w=0.009, n=16)
     if a9 > 0:  # horizontal wrinkles across the bridge
-        col = _shadow(tr.skin, 0.6 * a9)
-        for dy in (0.035, 0.07, 0.105):
-            x = np.linspace(-tr.nose_w * 0.95, tr.nose_w * 0.95, 5)
-            c.line(x, tr.eye_y + dy - 0.012 * (1 - (x / tr.nose_w) ** 2), col, 0.013)
+        col = _shadow(tr.skin, 0.9 * a9)
+        for dy in (0.035, 0.075, 0.115):
+            x = np.linspace(-tr.nose_w * 1.1, tr.nose_w * 1.1, 5)
+            c.line(x, tr.eye_y + dy - 0.012 * (1 - (x / tr.nose_w) ** 2), col, 0.036)
 
 
 def _draw_mouth(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float], jaw_drop: float) -> None:
     """Mouth from three curves over x in [-w, w]: the lip junction, the inner edges of the
     upper and lower lip (apart when AU10/25/26 open the mouth) and the outer lip edges."""
     a = {k: _au(aus, k) for k in (10, 12, 14, 15, 17, 23, 24, 25, 26)}
-    w = tr.mouth_w * (1 + 0.22 * a[12] - 0.18 * a[23] - 0.08 * a[24] - 0.12 * a[14]
+    w = tr.mouth_w * (1 + 0.35 * a[12] - 0.4 * a[23] - 0.1 * a[24] - 0.25 * a[14]
                       - 0.08 * a[26])
-    lift = tr.mouth_rest + 0.065 * a[12] - 0.075 * a[15] + 0.01 * a[14]  # + = corners up
-    ut = max(0.006, tr.lip_u * (1 - 0.55 * a[23] - 0.7 * a[24]) * (1 - 0.25 * a[12]))
-    lt = max(0.006, tr.lip_l * (1 - 0.55 * a[23] - 0.7 * a[24]) * (1 - 0.2 * a[12])
+    lift = tr.mouth_rest + 0.13 * a[12] - 0.22 * a[15] + 0.01 * a[14]  # + = corners up
+    ut = max(0.006, tr.lip_u * (1 - 0.75 * a[23] - 0.8 * a[24]) * (1 - 0.25 * a[12]))
+    lt = max(0.006, tr.lip_l * (1 - 0.75 * a[23] - 0.8 * a[24]) * (1 - 0.2 * a[12])
              + 0.012 * a[17])
-    raise_u = 0.045 * a[10]                       # AU10 lifts the upper lip, baring teeth
-    gap = 0.04 * a[25] + 0.05 * a[26]             # AU25 parts the lips, AU26 drops the jaw
+    raise_u = 0.1 * a[10]                        # AU10 lifts the upper lip, baring teeth
+    gap = 0.05 * a[25] + 0.06 * a[26]             # AU25 parts the lips, AU26 drops the jaw
     x = np.linspace(-w, w, 17)
     q = (x / w) ** 2
     junction = tr.mouth_y - lift * q - 0.018 * a[17] * (1 - q)   # AU17 pushes the centre up
@@ -559,14 +648,18 @@ def _draw_mouth(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float], jaw_drop: 
     lower_out = lower_in + lt * (1 - 0.8 * q)
     # AU14 dimples and AU24 pressing bulges sit just outside the lips.
     if a[14] > 0:
-        col = _shadow(tr.skin, 0.8 * a[14])
+        col = _shadow(tr.skin, 1.0 * a[14])
         for s in (-1, 1):
             t = np.linspace(-1, 1, 5)
-            c.line(s * (w + 0.04 - 0.018 * (1 - t ** 2)), junction[0] + 0.045 * t, col, 0.02)
+            c.line(s * (w + 0.05 - 0.025 * (1 - t ** 2)), junction[0] + 0.09 * t, col, 0.06)
+    if a[23] > 0:  # tightened lips: pale, tense ridges along the thinned lips
+        col = _mix(tr.skin, (255, 255, 255), 0.85 * a[23])
+        c.line(x * 0.85, upper_out - 0.02, col, 0.036)
+        c.line(x * 0.85, lower_out + 0.02, col, 0.036)
     if a[24] > 0:
-        col = _shadow(tr.skin, 0.6 * a[24])
-        c.line(x * 0.8, upper_out - 0.025 - 0.006 * (1 - q), col, 0.013)
-        c.line(x * 0.8, lower_out + 0.025 + 0.006 * (1 - q), col, 0.013)
+        col = _shadow(tr.skin, 1.0 * a[24])
+        c.line(x * 0.8, upper_out - 0.027 - 0.006 * (1 - q), col, 0.036)
+        c.line(x * 0.8, lower_out + 0.027 + 0.006 * (1 - q), col, 0.036)
     opening = gap + raise_u + jaw_drop
     if opening > 0:
         c.poly(np.concatenate([x, x[::-1]]), np.concatenate([upper_in, lower_in[::-1]]),
@@ -584,22 +677,22 @@ def _draw_mouth(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float], jaw_drop: 
     c.line(x, upper_out, _shadow(tr.lip_color, 0.55), 0.01)
     c.line(x, lower_out, _shadow(tr.lip_color, 0.55), 0.01)
     if a[15] > 0:  # the depressor's short folds running down from the lowered corners
-        col = _shadow(tr.skin, 0.6 * a[15])
+        col = _shadow(tr.skin, 0.9 * a[15])
         for s in (-1, 1):
-            c.line([s * (w + 0.005), s * (w + 0.03)], [junction[0] + 0.01, junction[0] + 0.07],
-                   col, 0.014)
+            c.line([s * (w + 0.005), s * (w + 0.04)], [junction[0] + 0.01, junction[0] + 0.09],
+                   col, 0.04)
     if opening <= 0:
-        c.line(x, junction, _mix(lip_dark, _DARK, 0.5 * a[24] + 0.2 * a[23]),
-               0.011 + 0.008 * a[24])
+        c.line(x, junction, _mix(lip_dark, _DARK, 0.5 * a[24] + 0.6 * a[23]),
+               0.011 + 0.008 * a[24] + 0.012 * a[23])
     if a[17] > 0:  # chin boss: shading, "orange peel" dimples, and the deepened sulcus
         chin_y = tr.face_cy + tr.face_h + jaw_drop - 0.12
-        c.ellipse(0.0, chin_y, 0.12, 0.065, _shadow(tr.skin, 0.18 * a[17]))
-        col = _shadow(tr.skin, 0.5 * a[17])
+        c.ellipse(0.0, chin_y, 0.13, 0.07, _shadow(tr.skin, 0.35 * a[17]))
+        col = _shadow(tr.skin, 0.8 * a[17])
         for dx, dy in ((-0.05, -0.015), (0.0, 0.01), (0.05, -0.015), (-0.025, 0.03),
                        (0.03, 0.032)):
-            c.ellipse(dx, chin_y + dy, 0.011, 0.009, col, n=10)
+            c.ellipse(dx, chin_y + dy, 0.016, 0.013, col, n=10)
         xs = np.linspace(-0.1, 0.1, 7)
-        c.line(xs, lower_out.max() + 0.03 + 0.012 * (xs / 0.1) ** 2, col, 0.012)
+        c.line(xs, lower_out.max() + 0.03 + 0.012 * (xs / 0.1) ** 2, col, 0.022)
 
 
 def _draw_folds(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
@@ -614,7 +707,7 @@ def _draw_folds(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
         x1 = s * (tr.mouth_w * (1 + 0.22 * a12) + 0.05)
         y1 = tr.mouth_y + 0.07 - 0.04 * a12
         t = np.linspace(0, 1, 7)
-        c.line(x0 + (x1 - x0) * t + s * 0.03 * np.sin(np.pi * t), y0 + (y1 - y0) * t, col, 0.016)
+        c.line(x0 + (x1 - x0) * t + s * 0.03 * np.sin(np.pi * t), y0 + (y1 - y0) * t, col, 0.024)
 
 
 def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int,
@@ -648,10 +741,11 @@ def render_face(traits: FaceTraits, aus: Mapping[int, float], shot: Shot, width:
     img = _background(W, H, traits).copy()
     rng = np.random.default_rng(shot.seed)
     if shot.clutter:
-        _draw_clutter(ImageDraw.Draw(img), rng, W, H, shot.clutter)
+        crng = rng if shot.clutter_seed < 0 else np.random.default_rng(shot.clutter_seed)
+        _draw_clutter(ImageDraw.Draw(img), crng, W, H, shot.clutter)
     c = _Canvas(img, shot)
     tr = traits
-    jaw_drop = 0.08 * _au(aus, 26)
+    jaw_drop = 0.1 * _au(aus, 26)
 
     # Behind the face: hair mass, neck and clothes, ears.
     _draw_hair_back(c, tr)
@@ -668,11 +762,12 @@ def render_face(traits: FaceTraits, aus: Mapping[int, float], shot: Shot, width:
 
     # The face and its features, front to back in the order occlusion requires.
     c.poly(*_face_outline(tr, jaw_drop), tr.skin)
+    _draw_shading(c, tr)
     a6 = _au(aus, 6)
     if a6 > 0:  # AU6 raises the cheeks: rounder, rosier cheek apples
         for s in (-1, 1):
-            c.ellipse(s * (tr.eye_dx + 0.04), tr.eye_y + 0.17 - 0.03 * a6, 0.1, 0.075,
-                      _mix(tr.skin, (200, 80, 80), 0.35 * a6))
+            c.ellipse(s * (tr.eye_dx + 0.04), tr.eye_y + 0.17 - 0.04 * a6, 0.11, 0.08,
+                      _mix(tr.skin, (210, 70, 80), 0.55 * a6))
     if tr.mole is not None:
         c.ellipse(tr.mole[0], tr.mole[1], 0.012, 0.012, (70, 45, 35), n=10)
     _draw_folds(c, tr, aus)
@@ -722,6 +817,28 @@ def render_face(traits: FaceTraits, aus: Mapping[int, float], shot: Shot, width:
     return Image.fromarray(arr.astype(np.uint8))
 
 
+def face_box(traits: FaceTraits, shot: Shot, width: int, height: int | None = None
+             ) -> tuple[float, float, float, float]:
+    """Pixel box (x0, y0, x1, y1) of the visible face in ``render_face(traits, ..., shot,
+    width, height)``: cheek to cheek, hairline to chin at rest, roll ignored (a few degrees in
+    AU frames). The hairline is put at 85% of the way up the face outline, since face
+    detection annotations (WIDER FACE, which MTCNN learnt from) mark the visible face."""
+    height = width if height is None else height
+    s = shot.scale * min(width, height) / 2.0
+    cx = width / 2.0 + shot.dx * min(width, height) / 2.0
+    cy = height / 2.0 + shot.dy * min(width, height) / 2.0
+    return (cx - s * traits.face_w, cy + s * (traits.face_cy - 0.85 * traits.face_h),
+            cx + s * traits.face_w, cy + s * (traits.face_cy + traits.face_h))
+
+
+def _sample_wild_frame_shot(rng: np.random.Generator) -> Shot:
+    """A task's framing in wild mode: the AU shot, smaller and off-centre, over clutter."""
+    base = _sample_au_shot(rng)
+    return replace(base, scale=WILD_FACE_SCALE * rng.uniform(0.92, 1.08),
+                   dx=rng.uniform(-0.55, 0.55), dy=rng.uniform(-0.12, 0.12),
+                   clutter=int(rng.integers(2, 7)), clutter_seed=int(rng.integers(2**31)))
+
+
 def region_mask(au: int, shot: Shot, width: int, height: int | None = None) -> np.ndarray:
     """Boolean ``[height, width]`` mask of the pixels inside ``AU_REGIONS[au]`` under ``shot``."""
     height = width if height is None else height
@@ -759,8 +876,8 @@ def _runs(x: np.ndarray) -> list[tuple[int, int]]:
 def _subject_propensities(seed: int, s: int) -> dict:
     """Per-subject expression rates (Beta: wide spread across subjects) and per-AU rates."""
     rng = _rng(seed, _S_LABELS, s)
-    return {"expr": {e: float(rng.beta(0.5, 2.2)) for e in EXPRESSIONS},
-            "au": {a: float(rng.beta(0.4, 8.0)) for a in AUS}}
+    return {"expr": {e: float(rng.beta(3.0, 12.0)) for e in EXPRESSIONS},
+            "au": {a: float(rng.beta(2.0, 40.0)) for a in AUS}}
 
 
 def _simulate_task(rng: np.random.Generator, prop: dict, task_idx: int,
@@ -1059,7 +1176,7 @@ def _csv_text(task: _Task) -> str:
 
 
 def _expected_files(subjects: list[str], tasks: list[_Task], pool: list[_PoolItem]) -> set[str]:
-    files = {"manifest.json", "contact_sheet.png", "pool/identities.csv"}
+    files = {"manifest.json", "contact_sheet.png", "pool/identities.csv", f"au/{FACE_BOXES}"}
     files |= {f"pool/{it.name}" for it in pool}
     for t in tasks:
         files.add(f"au/AUCoding/AU_OCC/{t.subject}_{t.task}.csv")
@@ -1086,7 +1203,8 @@ def _build_manifest(cfg: SyntheticParams, subjects: list[str], tasks: list[_Task
         "config": asdict(cfg),
         "aus": list(AUS), "au_names": {str(a): n for a, n in AU_NAMES.items()},
         "subjects": subjects, "tasks": [f"T{t + 1}" for t in range(cfg.tasks)],
-        "frame_size": cfg.frame_size,
+        "frame_size": cfg.frame_size, "frame_wh": list(au_frame_size(cfg)),
+        "face_boxes": f"au/{FACE_BOXES}",
         "label_header": BP4D_HEADER, "not_coded_value": NOT_CODED,
         "counts": {
             "au_frames": sum(len(t.frames) for t in tasks),
@@ -1139,6 +1257,16 @@ def _active(aus_row: np.ndarray) -> str:
     return " ".join(on) if on else "-"
 
 
+FACE_BOXES = "face_boxes.csv"  # under au/: subject,task,frame,x0,y0,x1,y1 (pixels)
+
+
+def au_frame_size(cfg: SyntheticParams) -> tuple[int, int]:
+    """(width, height) of the AU frames: square, or 4:3 wild frames of height frame_size."""
+    if cfg.wild:
+        return int(round(cfg.frame_size * WILD_ASPECT)), cfg.frame_size
+    return cfg.frame_size, cfg.frame_size
+
+
 def generate(out_dir: Path, cfg: SyntheticParams, *, progress: bool = True) -> dict:
     """Write the synthetic pretraining pool and BP4D-layout AU data set into ``out_dir``.
 
@@ -1168,34 +1296,40 @@ def generate(out_dir: Path, cfg: SyntheticParams, *, progress: bool = True) -> d
     # An interrupted or differently configured earlier run must not look complete.
     (out_dir / "manifest.json").unlink(missing_ok=True)
     # ---- AU data set (BP4D layout)
-    traits = {sid: sample_traits(_rng(cfg.seed, _S_SUBJECT, s), sid[0])
+    traits = {sid: sample_traits(_rng(cfg.seed, _S_SUBJECT, s), sid[0], cohort=True)
               for s, sid in enumerate(subjects)}
+    scenes = sample_scenes(cfg.seed)
     n_cols = 8
     n_per_subject = cfg.tasks * cfg.frames_per_task
     pick = set(np.linspace(0, n_per_subject - 1, min(n_cols, n_per_subject)).round().astype(int))
     sheet_rows_max = 24
     samples: dict[str, list[tuple[Image.Image, str]]] = {sid: [] for sid in subjects}
+    width, height = au_frame_size(cfg)
+    box_rows = ["subject,task,frame,x0,y0,x1,y1"]
     bar = tqdm(total=len(tasks) * cfg.frames_per_task, desc="synthetic AU frames",
                disable=not progress, unit="frame")
     for ti, task in enumerate(tasks):
         s = subjects.index(task.subject)
         t_idx = int(task.task[1:]) - 1
         # Pose and lighting drift smoothly within a task (a video), noise is per frame.
-        base = _sample_au_shot(_rng(cfg.seed, _S_FRAME, s, t_idx))
+        shot_rng = _rng(cfg.seed, _S_FRAME, s, t_idx)
+        base = _sample_wild_frame_shot(shot_rng) if cfg.wild else _sample_au_shot(shot_rng)
+        face = in_scene(traits[task.subject], scenes[task_scene(cfg.seed, s, t_idx)])
         drift_rng = _rng(cfg.seed, _S_FRAME, s, t_idx, 1)
         n = len(task.frames)
         drift = np.cumsum(drift_rng.normal(0, 0.006, size=(n, 3)), axis=0)
         for i, frame in enumerate(task.frames):
             fr = _rng(cfg.seed, _S_FRAME, s, t_idx, 2, i)
-            shot = Shot(dx=base.dx + float(np.clip(drift[i, 0], -0.05, 0.05)),
-                        dy=base.dy + float(np.clip(drift[i, 1], -0.05, 0.05)),
-                        angle=base.angle + float(np.clip(drift[i, 2] * 60, -3, 3)),
-                        scale=base.scale, gain=base.gain, slope_x=base.slope_x,
-                        slope_y=base.slope_y, blur=base.blur,
-                        noise=base.noise, seed=int(fr.integers(2**31)))
+            shot = replace(base, dx=base.dx + float(np.clip(drift[i, 0], -0.05, 0.05)),
+                           dy=base.dy + float(np.clip(drift[i, 1], -0.05, 0.05)),
+                           angle=base.angle + float(np.clip(drift[i, 2] * 60, -3, 3)),
+                           seed=int(fr.integers(2**31)))
             aus = {a: float(v) for a, v in zip(AUS, task.intensity[i]) if v > 0}
-            img = render_face(traits[task.subject], aus, shot, cfg.frame_size)
+            img = render_face(face, aus, shot, width, height)
             _write(out_dir / "au" / task.subject / task.task / f"{frame:04d}.jpg", _jpeg(img))
+            box = face_box(face, shot, width, height)
+            box_rows.append(f"{task.subject},{task.task},{frame},"
+                            + ",".join(f"{v:.2f}" for v in box))
             k = t_idx * cfg.frames_per_task + i
             if k in pick and s < sheet_rows_max:
                 samples[task.subject].append(
@@ -1206,6 +1340,7 @@ def generate(out_dir: Path, cfg: SyntheticParams, *, progress: bool = True) -> d
         if (ti + 1) % cfg.tasks == 0:
             log.info("AU subject %s done (%d/%d)", task.subject, s + 1, len(subjects))
     bar.close()
+    _write(out_dir / "au" / FACE_BOXES, ("\n".join(box_rows) + "\n").encode())
 
     # ---- pretraining pool
     ids_rows = ["key,identity"]
@@ -1218,7 +1353,7 @@ def generate(out_dir: Path, cfg: SyntheticParams, *, progress: bool = True) -> d
                 r = _rng(cfg.seed, _S_POOL_ID, it.identity_idx)
                 pool_traits[it.identity_idx] = sample_traits(r, "FM"[int(r.integers(2))])
             rng = _rng(cfg.seed, _S_POOL_IMG, it.index)
-            shot = _sample_wild_shot(rng)
+            shot = _sample_pool_shot(rng)
             face = render_face(pool_traits[it.identity_idx], _random_expression(rng), shot,
                                it.width, it.height)
             ids_rows.append(f"{it.name},{it.identity}")

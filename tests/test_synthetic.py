@@ -78,7 +78,11 @@ def test_au_layout_matches_bp4d(runs):
     assert n_nine > 0
     assert n_nine == man["counts"]["not_coded_cells"]
     with Image.open(frames[0]) as im:
-        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (cfg.frame_size,) * 2)
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", S.au_frame_size(cfg))
+    assert S.au_frame_size(cfg) == ((43, 32) if cfg.wild else (32, 32))  # 4:3 wild frames
+    boxes = (root / "au" / S.FACE_BOXES).read_text().splitlines()
+    assert boxes[0] == "subject,task,frame,x0,y0,x1,y1"
+    assert len(boxes) == 1 + man["counts"]["au_frames"]
 
 
 def test_subject_base_rates_differ_and_labels_form_episodes(runs):

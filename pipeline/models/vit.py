@@ -24,6 +24,7 @@ class ViTSize:
 
 
 VIT_SIZES: dict[str, ViTSize] = {
+    "mini": ViTSize(128, 6, 2, 16),   # not in the paper: the CPU demo's size (1.8M params)
     "tiny": ViTSize(192, 12, 3, 16),
     "small": ViTSize(384, 12, 6, 16),
     "base": ViTSize(768, 12, 12, 16),
