@@ -14,7 +14,9 @@ only:
   files; nothing is written when a single member fails.
 - :func:`iter_archive_members` / :func:`read_member`: list and read regular-file members in
   place, without extracting; open archives are cached per process (:class:`HandleCache`),
-  so reading many members from worker processes stays cheap.
+  so reading many members from worker processes stays cheap. ``read_member(..., max_bytes=)``
+  streams at most ``max_bytes + 1`` bytes, so a member that unpacks to far more than it
+  should (a zip bomb) never goes to memory (:class:`TooLargeError`).
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class ChecksumError(DownloadError):
 
 class UnsafeArchiveError(ValueError):
     """An archive holds a member that could write outside the target folder."""
+
+
+class TooLargeError(ValueError):
+    """A file or archive member holds more bytes than the caller's ``max_bytes``."""
 
 
 class _Retryable(Exception):
@@ -163,10 +169,13 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None, md5: str | N
                 high_water, failures = now, 0
             failures += 1
             if failures > retries:
+                # Name the .part file only when it exists: a message pointing at a file that
+                # is not there sends the user looking for it.
+                kept = (f"{now} bytes are kept in {part}; re-run to resume, or"
+                        if now else "nothing was received; re-run to try again, or")
                 raise DownloadError(
                     f"{url}: download failed after {failures} attempt(s) without progress; "
-                    f"last error: {e}. {now} bytes are kept in {part}; re-run to resume, "
-                    f"or download the file by hand to {dest}") from None
+                    f"last error: {e}. {kept} download the file by hand to {dest}") from None
             delay = min(backoff * 2 ** (failures - 1), max_backoff)
             log.warning("%s: %s; retry %d of %d in %.1f s", url, e, failures, retries, delay)
             if delay > 0:
@@ -513,6 +522,9 @@ class HandleCache:
         self._reset()
 
 
+# The open handles below keep these attributes for readers outside this module
+# (pipeline/shards.py reads ``zf``, ``tf`` and ``index``): ``read(name, limit)`` returns at most
+# ``limit`` bytes (all when None), ``size(name)`` the size the archive declares.
 class _OpenTar:
     """An open tar with a name -> member index (first occurrence wins, as enumeration)."""
 
@@ -522,13 +534,19 @@ class _OpenTar:
         for ti in self.tf.getmembers():
             self.index.setdefault(ti.name, ti)
 
-    def read(self, name: str) -> bytes:
+    def _info(self, name: str) -> tarfile.TarInfo:
         ti = self.index[name]
         if not ti.isreg():
             raise KeyError(name)
-        f = self.tf.extractfile(ti)
+        return ti
+
+    def size(self, name: str) -> int:
+        return self._info(name).size
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        f = self.tf.extractfile(self._info(name))
         with f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit)
 
     def close(self) -> None:
         self.tf.close()
@@ -538,8 +556,15 @@ class _OpenZip:
     def __init__(self, path: str):
         self.zf = zipfile.ZipFile(path)
 
-    def read(self, name: str) -> bytes:
-        return self.zf.read(name)
+    def size(self, name: str) -> int:
+        return self.zf.getinfo(name).file_size
+
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        if limit is None:
+            return self.zf.read(name)
+        # A stream: ZipFile.read would inflate everything the member holds first.
+        with self.zf.open(name) as f:
+            return f.read(limit)
 
     def close(self) -> None:
         self.zf.close()
@@ -552,15 +577,45 @@ def _open_archive(path: str) -> _OpenTar | _OpenZip:
 ARCHIVES = HandleCache(_open_archive)
 
 
-def read_member(archive: str | Path, name: str) -> bytes:
+def read_member(archive: str | Path, name: str, max_bytes: int | None = None) -> bytes:
     """The bytes of member ``name`` of a zip or tar archive, read in place.
 
     The archive stays open in this process (see :class:`HandleCache`). Reading a tar builds
     its member index once; for a compressed tar, members are cheapest to read in archive
     order (gzip streams cannot seek backwards without starting over).
+
+    Args:
+        max_bytes: refuse a member larger than this many bytes (None: no limit). A member
+            whose header declares more is refused unread; otherwise it is read as a stream of
+            at most ``max_bytes + 1`` bytes whatever its header says, so a member that unpacks
+            to more than it declares (a zip bomb) costs at most that much memory. (A zip
+            member holding more than its header declares stops at the declared size and
+            fails zipfile's CRC check: ``zipfile.BadZipFile``.)
+
+    Raises:
+        FileNotFoundError: no regular-file member ``name``.
+        TooLargeError: (a ValueError) the member holds more than ``max_bytes``; the message
+            names the archive and the member.
     """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+
+    def read(a: _OpenTar | _OpenZip) -> bytes:
+        if max_bytes is None:
+            return a.read(name)
+        declared = a.size(name)
+        if declared > max_bytes:
+            raise TooLargeError(f"{archive}: member {name!r} declares {declared:,} bytes, more "
+                                f"than the limit of {max_bytes:,}; not read")
+        data = a.read(name, max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLargeError(f"{archive}: member {name!r} holds more than the limit of "
+                                f"{max_bytes:,} bytes although its header declares "
+                                f"{declared:,}; not read further")
+        return data
+
     try:
-        return ARCHIVES.use(str(archive), lambda a: a.read(name))
+        return ARCHIVES.use(str(archive), read)
     except KeyError:
         raise FileNotFoundError(f"{archive}: no regular-file member {name!r}; the archive "
                                 "changed since it was listed: re-run the stage that listed it"

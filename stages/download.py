@@ -5,10 +5,12 @@
 Runs :func:`pipeline.sources.prepare_sources` for each name in ``download.sources`` and
 ``download.au_datasets`` (a name in both runs once), each into ``<out>/<name>/`` with a
 ``manifest.json`` (docs/design.md, download contract). ``synthetic`` is generated; CelebA is
-fetched (interrupted downloads resume from their ``.part`` file); LAION-Face runs img2dataset
-on URL lists you place; the others, and the licensed AU datasets, are verified where you
-placed them. Counts per source go to MLflow. Exits with status 2, after printing exactly what
-to place where, when a source needs a manual step; the sources that are ready stay ready.
+fetched (interrupted downloads resume from their ``.part`` file) unless its images are placed
+already, in which case nothing is downloaded; LAION-Face runs img2dataset on URL lists you
+place; the others, ``folder`` (your own photos, see the "Your own photos" section of
+``pipeline/sources.py``) and the licensed AU datasets are verified where you placed them.
+Counts per source go to MLflow. Exits with status 2, after printing exactly what to place
+where, when a source needs a manual step; the sources that are ready stay ready.
 
 No ``run_info.json`` is written into ``<out>``: DVC hashes the folder as the shards stage's
 input, and a file holding the git commit would re-run everything downstream on every run.

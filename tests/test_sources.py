@@ -250,16 +250,21 @@ def test_verify_bp4d_without_labels_says_where(tmp_path):
         verify_source("bp4d_plus", root)
 
 
-def test_verify_disfa(tmp_path):
-    root = tmp_path / "disfa"
+def _disfa_labels(root: Path) -> None:
     for sn in ("SN001", "SN002"):
         for au in sources.DISFA_LABEL_AUS:
             (root / "ActionUnit_Labels" / sn).mkdir(parents=True, exist_ok=True)
             (root / "ActionUnit_Labels" / sn / f"{sn}_au{au}.txt").write_text("1,0\n2,3\n")
-    write(root / "Videos_RightCamera" / "RightVideoSN001_comp.avi")
-    with pytest.raises(ManualStepRequired, match="videos are there") as e:
+
+
+def test_verify_disfa(tmp_path):
+    root = tmp_path / "disfa"
+    _disfa_labels(root)
+    with pytest.raises(ManualStepRequired, match="either layout works") as e:
         verify_source("disfa", root)
-    assert "ffmpeg" in str(e.value)
+    msg = str(e.value)  # the instructions name both layouts, and no extraction step
+    assert "RightVideoSN001_comp.avi" in msg and "Images_RightCamera/<SN>/<frame>.jpg" in msg
+    assert "ffmpeg" not in msg
     for sn in ("SN001", "SN002"):
         for fr in (1, 2):
             write(root / "Images_RightCamera" / sn / f"{fr}.jpg")
@@ -268,6 +273,26 @@ def test_verify_disfa(tmp_path):
     (root / "ActionUnit_Labels" / "SN002" / "SN002_au25.txt").unlink()
     with pytest.raises(ManualStepRequired, match="SN002_au25.txt"):
         verify_source("disfa", root)
+
+
+def test_verify_disfa_accepts_videos_without_extracted_frames(tmp_path, caplog):
+    """pipeline/au_data.py reads the videos directly: they are a complete DISFA copy."""
+    root = tmp_path / "disfa"
+    _disfa_labels(root)
+    write(root / "Videos_RightCamera" / "RightVideoSN001_comp.avi")
+    write(root / "Videos_RightCamera" / "RightVideoSN002_comp.avi")
+    m = sources.prepare_source("disfa", root)
+    assert m["verified"] and m["counts"] == {"subjects": 2, "label_files": 16,
+                                             "videos_right": 2}
+    # Mixed: one subject's frames extracted, the other's only as a video (au_data takes each).
+    (root / "Videos_RightCamera" / "RightVideoSN001_comp.avi").unlink()
+    write(root / "Images_RightCamera" / "SN001" / "1.jpg")
+    assert verify_source("disfa", root)["counts"] == {
+        "subjects": 2, "label_files": 16, "frames_right": 1, "videos_right": 1}
+    (root / "Videos_RightCamera" / "RightVideoSN002_comp.avi").unlink()
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        verify_source("disfa", root)  # SN001 still has frames: usable, SN002 warned about
+    assert "RightVideoSN002_comp.avi" in caplog.text
 
 
 # --------------------------------------------------------------------------- prepare_source
@@ -353,3 +378,76 @@ def test_laion_runs_img2dataset_and_enumerates_its_shards(tmp_path, monkeypatch)
     items = list(iter_items("laion_face", root))
     assert [read_item(i) for i in items] == [b"jpg0", b"jpg1"]
     assert all(isinstance(i, Item) and i.identity is None for i in items)
+
+
+# --------------------------------------------------------------------------- hardening
+def test_manual_step_hint_is_the_module_command(tmp_path):
+    """The README runs the stage as a module; every hint says the same."""
+    with pytest.raises(ManualStepRequired) as e:
+        sources.prepare_source("ffhq", tmp_path / "ffhq")
+    with pytest.raises(FileNotFoundError) as missing:
+        list(iter_items("ffhq", tmp_path / "nowhere"))
+    for msg in (str(e.value), str(missing.value)):
+        assert "python -m stages.download --params params.yaml" in msg
+        assert "stages/download.py" not in msg
+
+
+def test_gif_files_are_enumerated(tmp_path):
+    root = tmp_path / "vggface2"
+    write(root / "n001" / "a.gif")
+    write(root / "n001" / "b.GIF")
+    zpath = root / "more.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("n002/c.gif", b"gif-c")
+    items = list(iter_items("vggface2", root))
+    assert [(i.key, i.identity) for i in items] == [
+        ("more.zip/n002/c.gif", "n002"), ("n001/a.gif", "n001"), ("n001/b.GIF", "n001")]
+    assert read_item(items[0]) == b"gif-c"
+    assert sources.prepare_source("vggface2", root)["counts"]["images"] == 3
+
+
+def test_gif_au_frames_are_not_counted_as_frames(tmp_path):
+    """pipeline/au_data.py reads .jpg/.jpeg/.png/.bmp frames only; verification agrees."""
+    from pipeline import au_data
+    assert set(sources.FRAME_SUFFIXES) == au_data._IMAGE_SUFFIXES
+    root = tmp_path / "bp4d"
+    _bp4d_fixture(root)
+    for f in (root / "M001" / "T1").iterdir():
+        f.rename(f.with_suffix(".gif"))
+    with pytest.raises(ManualStepRequired, match="M001/T1"):
+        verify_source("bp4d", root)
+
+
+def test_read_item_max_bytes(tmp_path):
+    from pipeline.download import TooLargeError
+    root = tmp_path / "ffhq"
+    write(root / "small.jpg", b"x" * 100)
+    write(root / "big.jpg", b"x" * 101)
+    with zipfile.ZipFile(root / "a.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("in/small.jpg", b"y" * 100)
+        zf.writestr("in/big.jpg", b"y" * 5000)
+    rec = root / "r.rec"
+    offsets = write_rec(rec, [_rec_data(0, [1.0], b"z" * 100, 0),
+                              _rec_data(0, [2.0], b"z" * 101, 1)])
+    items = {i.key: i for i in iter_items("ffhq", root)}
+    assert set(items) == {"small.jpg", "big.jpg", "a.zip/in/small.jpg", "a.zip/in/big.jpg",
+                          f"r.rec@{offsets[0]}", f"r.rec@{offsets[1]}"}
+    for key, item in items.items():
+        if "small" in key or key.endswith(f"@{offsets[0]}"):
+            assert len(read_item(item, max_bytes=100)) == 100
+        else:
+            with pytest.raises(TooLargeError) as e:
+                read_item(item, max_bytes=100)
+            assert isinstance(e.value, ValueError) and item.container in str(e.value)
+            assert read_item(item) == read_item(item, max_bytes=10_000)  # no limit: whole
+    with pytest.raises(TooLargeError, match=r"a\.zip: member 'in/big\.jpg'"):
+        read_item(items["a.zip/in/big.jpg"], max_bytes=100)
+
+
+def test_dangling_symlink_as_source_folder_is_explained(tmp_path):
+    root = tmp_path / "download" / "ffhq"
+    root.parent.mkdir()
+    root.symlink_to(tmp_path / "moved_away")
+    out = sources.prepare_sources(["ffhq"], tmp_path / "download")
+    msg = out["pending"]["ffhq"]
+    assert "symbolic link" in msg and str(tmp_path / "moved_away") in msg
