@@ -21,9 +21,10 @@ measured):
   and append per-frame probabilities to ``predictions.parquet``.
 
 Outputs (docs/design.md ``finetune`` contract): ``metrics.json``, ``history.csv``,
-``predictions.parquet``, ``backbones/epoch_<E:03d>.pt``. A killed run's ``.tmp-*`` files in
-the output folder are removed when the next run starts; settings and the pretrained
-checkpoint are checked before any training.
+``predictions.parquet``, ``backbones/epoch_<E:03d>.pt`` and the final AU model
+``model.safetensors`` (:mod:`pipeline.au_export`, read by ``fmae-iat predict``). A killed
+run's ``.tmp-*`` files in the output folder are removed when the next run starts; settings
+and the pretrained checkpoint are checked before any training.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import metrics as M
+from pipeline.au_export import MODEL_NAME as MODEL_FILE
+from pipeline.au_export import describe_eval_transform, save_au_model
 from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                          remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
@@ -535,6 +538,7 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} unknown; use one of {', '.join(VARIANTS)}")
     t_train, t_eval = build_transforms(cfg)  # first: a bad rand_augment fails before any work
+    preprocess = describe_eval_transform(t_eval)  # what model.safetensors records
     au_dir, out_dir = Path(au_dir), Path(out_dir)
     remove_stale_temporaries(out_dir, recursive=True)  # killed runs' .tmp-* (backbones/ too)
     meta = read_au_meta(au_dir, dataset, fold)
@@ -603,6 +607,7 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     backbone(0)
     history: list[dict] = []
     epochs: list[dict] = []
+    val_threshold = None
     import pyarrow.parquet as pq
     with atomic_path(out_dir / "predictions.parquet") as pred_tmp:
         writer = None
@@ -619,6 +624,9 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
                     pred = predict(model, loader, device, amp)
                     _check_exactly_once(pred, n_expected, name)
                     rec[name] = M.au_report(pred["probs"], pred["labels"], aus, 0.5)
+                    if name == "val":  # the final epoch's goes into model.safetensors
+                        val_threshold = M.best_global_threshold(pred["probs"],
+                                                                pred["labels"])[0]
                     if name == "test":
                         thr, _ = M.best_global_threshold(pred["probs"], pred["labels"])
                         rec["test_best"] = M.au_report(pred["probs"], pred["labels"], aus, thr)
@@ -657,6 +665,10 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
             if writer is not None:
                 writer.close()
 
+    # The final model for `fmae-iat predict` (docs/design.md "model file"): AU head, no ID head.
+    save_au_model(out_dir / MODEL_FILE, model, aus=aus, preprocess=preprocess, dataset=dataset,
+                  fold=fold, variant=variant, lambda_=float(lambda_) if iat else 0.0,
+                  epoch=cfg.epochs, model_size=model_size, val_threshold=val_threshold)
     result = {
         "dataset": dataset, "fold": fold, "variant": variant,
         "lambda": float(lambda_) if iat else 0.0,
