@@ -449,7 +449,7 @@ def plot_videos(csv_path: Path, videos: Sequence[str], plot: Path, aus: Sequence
                "no plot written")
         return []
     probs, _ = au_columns(aus)
-    df = pd.read_csv(csv_path, usecols=["input", "timestamp", "frame", *probs])
+    df = pd.read_csv(csv_path, usecols=["input", "timestamp", "frame", "success", *probs])
     written = []
     for i, video in enumerate(videos):
         if len(videos) == 1:
@@ -465,7 +465,10 @@ def plot_videos(csv_path: Path, videos: Sequence[str], plot: Path, aus: Sequence
             x, xlabel = d["frame"].to_numpy(), "frame"
         fig, axes = plt.subplots(len(probs), 1, sharex=True, squeeze=False,
                                  figsize=(10, 0.75 * len(probs) + 1.2))
+        no_face = d["success"].to_numpy() == 0
         for ax, col in zip(axes[:, 0], probs):
+            if no_face.any():  # grey where no face was found
+                ax.fill_between(x, 0, 1, where=no_face, step="mid", color="0.88", lw=0)
             ax.plot(x, d[col].to_numpy(), lw=1.0, color="tab:blue")
             ax.axhline(threshold, color="tab:red", lw=0.6, ls="--")
             ax.set_ylim(-0.02, 1.02)
@@ -473,9 +476,10 @@ def plot_videos(csv_path: Path, videos: Sequence[str], plot: Path, aus: Sequence
             ax.set_ylabel(col, rotation=0, ha="right", va="center", fontsize=8)
             ax.tick_params(labelsize=7)
         axes[-1, 0].set_xlabel(xlabel)
-        missing = int(d[probs[0]].isna().sum())
+        missing = int(no_face.sum())
         fig.suptitle(f"{Path(video).name}: AU probabilities (dashed: threshold {threshold:.2f}"
-                     f"{f'; {missing} frames without a face' if missing else ''})", fontsize=9)
+                     f"{f'; grey: {missing} frames without a face' if missing else ''})",
+                     fontsize=9)
         fig.tight_layout()
         save_figure(fig, path)
         written.append(path)
@@ -486,9 +490,14 @@ def plot_videos(csv_path: Path, videos: Sequence[str], plot: Path, aus: Sequence
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fmae-iat", description="FMAE-IAT facial action units")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="AU probabilities of images, folders and videos",
-                       description=__doc__.split("\n\n")[0] + " Writes a CSV (OpenFace-style "
-                       "columns, then AUxx probabilities and AUxx_c presence).")
+    p = sub.add_parser(
+        "predict", help="AU probabilities of images, folders and videos",
+        description="Facial action unit probabilities of images, folders of images and "
+                    "videos, written to a CSV: frame, face_id, timestamp, confidence, success "
+                    "(as OpenFace), input, then one probability column per AU (AU01, ...) "
+                    "and one presence column per AU (AU01_c, ...).",
+        epilog="example: fmae-iat predict clip.mp4 --model data/finetune/iat/bp4d-1 "
+               "--out clip_aus.csv --plot clip_aus.png")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (recursive) and video files")
     p.add_argument("--model", required=True,
