@@ -173,9 +173,11 @@ class FinetuneParams:
     id_classes: str = F("dataset", choices=("dataset", "train"),
                         doc="ID classes: every subject of the dataset (reference) or the "
                             "fold's training subjects")
-    id_head_init: str = F("default", choices=("default", "small", "prior"),
+    id_head_init: str = F("prior", choices=("default", "small", "prior"),
                           doc="ID head init: nn.Linear default (reference), trunc-normal 2e-5, "
-                              "or default with the output bias at the class prior")
+                              "or default weights with the output bias at the class prior "
+                              "(CPU default: where the reference's head is after its long "
+                              "schedule; configs/paper.yaml uses default)")
     unknown_labels: str = F("mask", choices=("mask", "negative"),
                             doc="BP4D 9 = not coded: masked out, or counted as absent")
     val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -232,6 +233,21 @@ def test_id_head_init_default_is_pytorch_linear_and_small_is_tiny():
     assert small.weight.abs().max() < 1e-4 and small.bias.abs().max() == 0
     with pytest.raises(ValueError, match="id_head_init"):
         build_id_head(64, 5, 1, "zeros")
+
+
+def test_prior_init_is_default_weights_with_the_bias_at_the_class_prior():
+    torch.manual_seed(3)
+    prior = build_id_head(64, 5, 1, "prior")
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(64, 5)
+    assert torch.equal(prior.weight, ref.weight)
+    assert torch.allclose(prior.bias, torch.full((5,), -math.log(4)))
+    assert torch.allclose(torch.sigmoid(prior.bias), torch.full((5,), 1 / 5))  # the prior 1/N
+    # with zero features every one-hot BCE term is at the prior's value: (ln 5 + 4 ln 5/4) / 5
+    loss = identity_loss(prior(torch.zeros(2, 64)), torch.tensor([0, 3]), "bce")
+    assert loss.item() == pytest.approx((math.log(5) + 4 * math.log(5 / 4)) / 5, rel=1e-6)
+    mlp = build_id_head(64, 5, 3, "prior")
+    assert torch.allclose(mlp[-1].bias, torch.full((5,), -math.log(4)))
 
 
 def test_default_init_sends_far_more_reversed_gradient_than_small_init():

@@ -21,7 +21,13 @@ The identity branch follows the authors' code by default (method.md section 3):
   target 0). ``"ce"`` is softmax cross-entropy (what the paper's text says);
 - ``id_head_init="default"``: PyTorch's ``nn.Linear`` initialisation; ``"small"`` starts the
   ID head's output layer at trunc-normal std 2e-5 like the AU head, which sends 100x less
-  reversed gradient at step 0, so lambda values are not comparable with the paper's.
+  reversed gradient at step 0, so lambda values are not comparable with the paper's;
+  ``"prior"`` keeps the default weights and starts the output bias at the class prior
+  (sigmoid(b) = 1/N). With one-hot BCE the reference's head must first learn that prior
+  through its bias, which AdamW moves by about lr per step and the reversed gradient cannot
+  undo; on BP4D it gets there over its long schedule (the paper's linear head ends at an ID
+  loss of 0.152, Table 7), on a ~1000-step CPU run it stays near logit 0 (loss ~0.7) and the
+  backbone receives a reversed gradient that is mostly this prior error, not identity.
 
 The MLP ID heads of Table 7 follow the authors' ablation branch: hidden widths D/2 (and D/4)
 with GELU.
