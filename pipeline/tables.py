@@ -612,7 +612,8 @@ def _summary_table(f1: dict, probe: dict, show_published: bool) -> Table:
               "accuracy (%)",
               ["Dataset", "Variant", PROTO_FINAL, "F1, paper protocol", "Published F1",
                "AUC (final)", "Identity probe, authors' recipe (final)",
-               "Identity probe, converged (final)", "Probe chance"])
+               "Identity probe, converged (final)", "Probe chance"],
+              col_digits={"AUC (final)": 3})
 
     def pr(ds: str, v: str, name: str) -> float | None:
         return probe.get(ds, {}).get(v, {}).get(name)
