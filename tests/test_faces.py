@@ -2,7 +2,8 @@
 and the au_shards detection pass (cache, faceless frames)."""
 from __future__ import annotations
 
-from collections import Counter
+import json
+import tarfile
 from pathlib import Path
 
 import matplotlib.cbook as cbook
@@ -142,3 +143,77 @@ def test_detection_pass_caches_counts_and_skips_faceless_frames(wild_set, tmp_pa
     assert blank_key not in set(index["key"])
     assert meta["counts"]["no_face"] == counts["no_face"] == 36 - len(index)
     assert read_meta(out)["counts"]["frames"] == len(index)
+
+
+# --------------------------------------------------------------------------- the real layouts
+def _paste(canvas_wh: tuple[int, int], scale: float, at: tuple[int, int]) -> tuple[Image.Image, tuple]:
+    """Hopper's portrait scaled by ``scale`` at ``at`` on a grey canvas; returns (frame, face)."""
+    photo = Image.open(HOPPER).convert("RGB")
+    photo = photo.resize((round(photo.width * scale), round(photo.height * scale)))
+    frame = Image.new("RGB", canvas_wh, (90, 110, 130))
+    frame.paste(photo, at)
+    face = tuple(v * scale + at[i % 2] for i, v in enumerate(HOPPER_FACE))
+    return frame, face
+
+
+def test_au_shards_stage_crops_full_size_bp4d_frames_and_disfa_videos(tmp_path, monkeypatch):
+    """BP4D frames at 1040x1392 and DISFA .avi videos at 1024x768, laid out as the README
+    says, go through the au_shards stage to 224 px crops of the face, no manual step."""
+    import av
+    import yaml
+
+    from pipeline.au_data import BP4D_AUS, DISFA_AUS
+    from stages import au_shards as stage
+
+    dl = tmp_path / "download"
+    truth: dict[str, tuple] = {}
+    bp = dl / "bp4d"
+    for s, subject in enumerate(("F001", "M001")):
+        rows = ["0," + ",".join(map(str, BP4D_AUS))]
+        for f in (1, 2):
+            frame, truth[f"{subject}_T1_{f}"] = _paste((1040, 1392), 1.8, (40 + 60 * s, 300 + 90 * f))
+            (bp / subject / "T1").mkdir(parents=True, exist_ok=True)
+            frame.save(bp / subject / "T1" / f"{f:04d}.jpg", quality=90)
+            rows.append(f"{f}," + ",".join(str((f + a) % 2) for a in BP4D_AUS))
+        (bp / "AUCoding" / "AU_OCC").mkdir(parents=True, exist_ok=True)
+        (bp / "AUCoding" / "AU_OCC" / f"{subject}_T1.csv").write_text("\n".join(rows) + "\n")
+    di = dl / "disfa"
+    n = 3
+    for au in DISFA_AUS:
+        p = di / "ActionUnit_Labels" / "SN001" / f"SN001_au{au}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(f"{i},{(i + au) % 6}\n" for i in range(1, n + 1)))
+    video = di / "Videos_RightCamera" / "RightVideoSN001_comp.avi"
+    video.parent.mkdir(parents=True)
+    with av.open(str(video), "w") as c:
+        st = c.add_stream("mjpeg", rate=20)
+        st.width, st.height, st.pix_fmt = 1024, 768, "yuvj420p"
+        for k in range(n):
+            frame, truth[f"SN001_right_{k + 1}"] = _paste((1024, 768), 1.1, (100 + 150 * k, 50))
+            for pk in st.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
+                c.mux(pk)
+        for pk in st.encode():
+            c.mux(pk)
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    paper = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())
+    params["download"]["au_datasets"] = ["bp4d", "disfa"]
+    params["finetune"]["runs"] = ["bp4d-1", "disfa-1"]
+    params["au_shards"] = {**paper["au_shards"], "workers": 1}   # 224 px, photo settings
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "au_shards"
+    stage.main(["--params", str(tmp_path / "params.yaml"), "--download", str(dl),
+                "--out", str(out / "data"), "--stats", str(out / "stats.json"),
+                "--faces", str(out / "faces")])
+
+    stats = json.loads((out / "stats.json").read_text())
+    for ds, frames in (("bp4d", 4), ("disfa", n)):
+        assert stats[ds]["frames"] == frames and stats[ds]["faces"]["no_face"] == 0
+        cache = pd.read_parquet(out / "faces" / f"{ds}.parquet")
+        for r in cache.itertuples(index=False):   # each box is on the pasted face
+            assert iou((r.x0, r.y0, r.x1, r.y1), truth[r.key]) > 0.6, (r.key, r.x0, r.y0)
+        tars = sorted((out / "data" / ds).glob("*.tar"))
+        with tarfile.open(tars[0]) as tf:
+            jpg = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+            assert Image.open(tf.extractfile(jpg)).size == (224, 224)
