@@ -149,10 +149,9 @@ def detect_dataset(dataset: str, root: Path, subjects: Iterable[str], cfg: AuSha
         counts["detected"] += len(new)
         keep += new
         if new:  # after every subject, so an interrupted pass resumes here
-            fresh = {r["key"] for r in new}
-            merged = pd.concat([cache[~cache["key"].isin(fresh)], pd.DataFrame(new, columns=COLUMNS)],
-                               ignore_index=True) if len(cache) else pd.DataFrame(new, columns=COLUMNS)
-            cache = merged
+            added = pd.DataFrame(new, columns=COLUMNS)
+            kept = cache[~cache["key"].isin(added["key"])]
+            cache = pd.concat([kept, added], ignore_index=True) if len(kept) else added
             _write_cache(cache_path, cache)
     df = pd.DataFrame(keep, columns=COLUMNS)
     df["found"] = df["found"].astype(bool)

@@ -135,7 +135,6 @@ class MTCNNDetector:
         self.max_side = int(max_side)
         self._mtcnn = MTCNN(keep_all=True, min_face_size=int(min_face),
                             thresholds=[0.6, 0.7, float(threshold)], device=self.device)
-        self.calls = 0  # batches sent to the network (tests check caching with it)
 
     def _scaled(self, im: Image.Image) -> tuple[Image.Image, float]:
         s = min(1.0, self.max_side / max(im.size))
@@ -153,7 +152,6 @@ class MTCNNDetector:
             groups.setdefault(im.size, []).append(i)
         for idx in groups.values():
             batch = np.stack([np.asarray(scaled[i][0]) for i in idx])  # (N, H, W, 3) uint8
-            self.calls += 1
             with torch.no_grad():
                 boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
             for j, i in enumerate(idx):

@@ -17,7 +17,7 @@ cannot be decoded are counted as ``failed`` and skipped; they never fail the sta
 Size limit (:data:`MAX_ENCODED_BYTES`, derived from Pillow's pixel limit): a file or archive
 member whose header declares more bytes than one encoded image can hold is refused by name
 *before* it is read; since headers can lie, files and archive members are read as streams of
-at most the limit + 1 bytes (:func:`read_item_bounded`) and refused beyond it. Both count as
+at most the limit + 1 bytes (``read_item(..., max_bytes=)``) and refused beyond it. Both count as
 ``failed``, as does a zip member whose data does not match its header; the stage goes on.
 
 Output (:func:`build_shards`), the on-disk contract of ``data/shards/``:
@@ -66,7 +66,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline.download import ARCHIVES
+from pipeline.download import ARCHIVES, TooLargeError
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.params import ShardsParams
 from pipeline.sources import container_kind, read_item
@@ -98,7 +98,7 @@ MAX_ENCODED_BYTES = MAX_DECODED_PIXELS * MAX_BYTES_PER_PIXEL + ENCODED_SLACK_BYT
 would decode to more pixels than the limit above, so it is refused (counted as ``failed``):
 a file or archive member that *declares* more (:func:`declared_size`, from its size on disk or
 its zip/tar header) is never read, and one whose header lies is read as a stream of at most
-this + 1 bytes (:func:`read_item_bounded`) and refused there. This bounds the memory a worker
+this + 1 bytes (``pipeline.sources.read_item``'s ``max_bytes``) and refused there. This bounds the memory a worker
 spends on one item to about this much plus the decoded pixels (Pillow's limit). Only a
 16-bit-per-channel colour file (6-8 bytes per pixel) this large with fewer pixels than the
 limit is refused although Pillow could decode it; face photos are far smaller."""
@@ -257,55 +257,10 @@ def declared_size(item: Any) -> int | None:
 
 def _member_size(handle: Any, member: str) -> int | None:
     """Header size of ``member`` in an open ``pipeline.download`` archive handle."""
-    zf = getattr(handle, "zf", None)
-    if zf is not None:
-        try:
-            return zf.getinfo(member).file_size
-        except KeyError:
-            return None
-    info = handle.index.get(member)  # a tar: name -> TarInfo, built once per process
-    return None if info is None else info.size
-
-
-def read_item_bounded(item: Any, max_bytes: int) -> bytes:
-    """``pipeline.sources.read_item(item)``, but at most ``max_bytes + 1`` bytes of it.
-
-    A loose file or a zip/tar member is read as a stream that stops after ``max_bytes + 1``
-    bytes whatever its header says: ``zipfile.ZipFile.read`` would decompress all the data a
-    member holds before cutting it to the declared size, so a member that under-declares its
-    size would cost its true size in memory. A zip member holding more than it declares then
-    fails zipfile's CRC check (``BadZipFile``) once the declared size is reached. A record of
-    a ``.rec`` file is read whole (RecordIO's 29-bit lengths bound each part to 512 MiB; the
-    caller checks the bytes read).
-
-    Raises:
-        FileNotFoundError: the archive has no regular-file member ``item.member``.
-    """
-    if item.member is None:
-        with open(item.container, "rb") as f:
-            return f.read(max_bytes + 1)
-    if container_kind(item.container) == "records":
-        return read_item(item)
     try:
-        return ARCHIVES.use(str(item.container),
-                            lambda handle: _read_member(handle, item.member, max_bytes + 1))
-    except KeyError:
-        raise FileNotFoundError(f"{item.container}: no regular-file member {item.member!r}; "
-                                "the archive changed since it was listed: re-run the stage "
-                                "that listed it") from None
-
-
-def _read_member(handle: Any, member: str, n: int) -> bytes:
-    """At most ``n`` bytes of ``member`` of an open ``pipeline.download`` archive handle."""
-    zf = getattr(handle, "zf", None)
-    if zf is not None:
-        with zf.open(member) as f:  # KeyError if missing
-            return f.read(n)
-    info = handle.index[member]
-    if not info.isreg():
-        raise KeyError(member)
-    with handle.tf.extractfile(info) as f:
-        return f.read(n)
+        return handle.size(member)
+    except KeyError:  # no such regular-file member: the reader raises its own error
+        return None
 
 
 class TooLarge(Exception):
@@ -315,8 +270,8 @@ class TooLarge(Exception):
 def _read_checked(read: Callable[[Any], bytes], item: Any, limit: int) -> bytes:
     """``read(item)``, refusing an item over ``limit`` bytes before and while reading it.
 
-    ``pipeline.sources.read_item`` is replaced by :func:`read_item_bounded` (at most
-    ``limit + 1`` bytes read); what other readers return is checked after reading.
+    ``pipeline.sources.read_item`` is called with ``max_bytes=limit`` (a stream of at most
+    ``limit + 1`` bytes); what other readers return is checked after reading.
 
     Raises:
         TooLarge: the declared size (:func:`declared_size`) or the bytes read exceed
@@ -326,7 +281,13 @@ def _read_checked(read: Callable[[Any], bytes], item: Any, limit: int) -> bytes:
     if size is not None and size > limit:
         raise TooLarge(f"declares {size:,} bytes, more than the {limit:,}-byte limit for one "
                        f"encoded image (pipeline.shards.MAX_ENCODED_BYTES); not read")
-    data = read_item_bounded(item, limit) if read is read_item else read(item)
+    if read is read_item:
+        try:
+            data = read_item(item, max_bytes=limit)
+        except TooLargeError as e:
+            raise TooLarge(f"{e} (pipeline.shards.MAX_ENCODED_BYTES)") from None
+    else:
+        data = read(item)
     if len(data) > limit:
         raise TooLarge(f"holds more than the {limit:,}-byte limit for one encoded image "
                        f"(pipeline.shards.MAX_ENCODED_BYTES) although its header declares "
@@ -359,8 +320,8 @@ def _work(item: Any) -> Processed:
         return Processed("failed", error=f"{e}; {_REPLACE}", reason="too large")
     except (zipfile.BadZipFile, zlib.error) as e:
         # One member whose data does not match its zip header (bad CRC, more data than its
-        # declared size, a broken deflate stream): read_item_bounded stopped reading it at
-        # the declared size (under the limit).
+        # declared size, a broken deflate stream): the streamed read stopped at the
+        # declared size (under the limit).
         return Processed("failed", error=f"{type(e).__name__}: {e}; the archive is damaged: "
                          f"download it again", reason="corrupt archive member")
     return process_image(data, _WORKER["cfg"], _WORKER["ratio"])
@@ -513,8 +474,8 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
             ``pipeline.sources.Item``), in the order they go into the shards (sorted by the
             caller). They are sent to worker processes, so they must be picklable.
         read: ``read(item) -> bytes`` of the encoded image; called inside the workers (a
-            module-level function); ``pipeline.sources.read_item`` is replaced by
-            :func:`read_item_bounded`. Exceptions from ``read`` abort the build, except a zip
+            module-level function); ``pipeline.sources.read_item`` is called with
+            ``max_bytes``. Exceptions from ``read`` abort the build, except a zip
             member's ``BadZipFile``/``zlib.error`` (counted as failed: one damaged member).
         out_dir: output folder; earlier shards, ``stats.json`` and temp files are replaced.
         cfg: the ``shards`` params section.
@@ -522,7 +483,7 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
 
     Each item's size is checked against :data:`MAX_ENCODED_BYTES` before ``read`` (its
     header, :func:`declared_size`) and after (what was read; ``pipeline.sources.read_item``
-    is replaced by :func:`read_item_bounded`, which reads at most the limit + 1 bytes): a
+    gets ``max_bytes`` and reads at most the limit + 1 bytes): a
     larger item is logged by name and counted as ``failed``, and the build goes on.
 
     Returns:
