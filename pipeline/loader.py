@@ -17,7 +17,10 @@ starts on the leftovers of a killed or out-of-space run. The recipe follows
   shards is fine (no "No samples found");
 - samples are shuffled inside each worker (a buffer over the encoded tar samples, before
   decoding) and again across workers in the main process (the ``unbatched().shuffle(n)
-  .batched(b)`` recipe), then collated with ``torch.utils.data.default_collate``.
+  .batched(b)`` recipe), then collated (``torch.utils.data.default_collate`` unless told
+  otherwise);
+- samples are decoded to PIL images before ``map_sample``, or handed over as raw bytes
+  (``decode_images=False``: ``pretrain.decode: gpu`` decodes whole batches on the GPU).
 
 Seeding: the shard draws and both shuffles derive from ``(seed, rank, worker, epoch)``, so the
 same seed gives the same batches in the same order (with any fixed ``num_workers``; workers
@@ -219,7 +222,8 @@ def _unlist(src: Iterable[list]) -> Iterator[Any]:
 def make_train_loader(urls: list[str], *, batch_size: int, steps_per_epoch: int,
                       num_workers: int, map_sample: Callable[[dict], Any], seed: int,
                       rank: int = 0, world_size: int = 1,
-                      shuffle_buffer: int = 1000) -> wds.WebLoader:
+                      shuffle_buffer: int = 1000, decode_images: bool = True,
+                      collate_fn: Callable[[list], Any] = default_collate) -> wds.WebLoader:
     """An iterable of collated batches; every ``iter()`` is one epoch of ``steps_per_epoch``.
 
     Args:
@@ -230,11 +234,15 @@ def make_train_loader(urls: list[str], *, batch_size: int, steps_per_epoch: int,
         map_sample: called with the decoded sample dict ``{"__key__": str, "jpg": PIL RGB
             image, "json": dict, ...}``; returns what is batched (tensor, tuple, dict, ...).
             Runs in the workers: it must be picklable if the start method is not fork.
+            With ``decode_images=False`` the dict holds the tar members' raw bytes.
         seed: base seed of the shard draws and shuffles.
         rank, world_size: this process's place in DDP.
         shuffle_buffer: encoded samples held by each worker's shuffle buffer (<= 1: no
             shuffle); the main process's cross-worker buffer holds at most this many and at
             most max(2 batches, 2 chunks per worker) mapped samples.
+        decode_images: False = hand ``map_sample`` the encoded bytes (``pretrain.decode:
+            gpu`` decodes on the device); the sample order is the same either way.
+        collate_fn: turns ``batch_size`` mapped samples into a batch (in the main process).
     """
     urls = [str(u) for u in urls]
     if not urls:
@@ -254,7 +262,7 @@ def make_train_loader(urls: list[str], *, batch_size: int, steps_per_epoch: int,
         _SplitByRank(rank, world_size),
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         _EpochShuffle(shuffle_buffer, seed, rank, salt=1),
-        wds.decode("pil", handler=wds.reraise_exception),
+        *([wds.decode("pil", handler=wds.reraise_exception)] if decode_images else []),
         wds.map(map_sample, handler=wds.reraise_exception),
         wds.batched(_WORKER_CHUNK, collation_fn=list, partial=True),
     )
@@ -266,7 +274,7 @@ def make_train_loader(urls: list[str], *, batch_size: int, steps_per_epoch: int,
     loader = loader.compose(
         _unlist,
         _EpochShuffle(main_buffer, seed, rank, salt=2),  # mixes samples across workers
-        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+        wds.batched(batch_size, collation_fn=collate_fn, partial=False),
     )
     log.info("train loader: %d shard(s), rank %d/%d, batch %d, %d steps/epoch, %d worker(s)",
              len(urls), rank, world_size, batch_size, steps_per_epoch, num_workers)

@@ -134,6 +134,10 @@ class PretrainParams:
     save_every: int = F(1, 1, 10000, doc="resume checkpoint interval in epochs")
     log_every: int = F(10, 1, 100000, doc="steps between MLflow loss points")
     flip: bool = F(True)
+    decode: str = F("cpu", choices=("cpu", "gpu"),
+                    doc="where JPEGs are decoded: cpu = Pillow in the loader workers; gpu = "
+                        "batched nvJPEG on the training GPU (no CUDA: the run stops, no "
+                        "fallback)")
 
     def __post_init__(self):
         if self.image_size % self.patch_size:

@@ -8,6 +8,10 @@ Recipe (MAE reference main_pretrain.py / engine_pretrain.py, as FMAE ran it):
 - per-optimizer-step linear warmup then half-cycle cosine to min_lr (:func:`lr_at`, a pure
   function of the step); gradient accumulation over ``accum_iter`` micro-batches;
 - bf16 autocast where supported, fp16 with a GradScaler on GPUs without bf16.
+- ``pretrain.decode``: ``cpu`` decodes, flips and normalises in the loader workers
+  (:class:`MapSample`); ``gpu`` hands the JPEG bytes and the flip decision (same RNG draws)
+  to this process, which decodes the batch with nvJPEG on its GPU
+  (:mod:`pipeline.jpeg_batch`); the batches are the same, so is the data order.
 
 What the reference code lacks and this adds (method.md section 8): the data order is a pure
 function of (seed, epoch) for a given ``pretrain.num_workers``, batch size and world size,
@@ -42,6 +46,8 @@ from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_mean,
                                   unwrap, wrap_ddp)
 from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                          remove_stale_temporaries, seed_everything)
+from pipeline.jpeg_batch import (IMAGENET_MEAN, IMAGENET_STD, CollateJpeg, JpegBatch,
+                                 MapRawJpeg, check_device_decode, decode_batch)
 from pipeline.models.mae import (MAE, check_finite_weights, encoder_state_dict, infer_config,
                                  is_decoder_key, load_checkpoint, mae_from_config,
                                  save_checkpoint)
@@ -51,8 +57,6 @@ from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_FILE = "last.pt"
 N_FIXED = 4  # images in the per-epoch reconstruction figure
 
@@ -135,6 +139,26 @@ class MapSample:
         return ((x - mean) / std,)  # (3, S, S)
 
 
+def batch_to_device(batch: Any, device: torch.device) -> torch.Tensor:
+    """The (N, 3, S, S) float images of a loader batch on ``device``.
+
+    A :class:`JpegBatch` (``pretrain.decode: gpu``) is decoded, flipped and normalised on
+    ``device``; a collated tensor batch (``pretrain.decode: cpu``) is copied there.
+    """
+    if isinstance(batch, JpegBatch):
+        return decode_batch(batch, device)
+    return images_from_batch(batch).to(device, non_blocking=True)
+
+
+def loader_kwargs(cfg: PretrainParams) -> dict:
+    """What the loader factory gets for ``pretrain.decode``: ``map_sample`` (and, for gpu,
+    raw bytes and :class:`JpegBatch` collation)."""
+    if cfg.decode == "gpu":
+        return {"map_sample": MapRawJpeg(cfg.image_size, cfg.flip), "decode_images": False,
+                "collate_fn": CollateJpeg(cfg.image_size)}
+    return {"map_sample": MapSample(cfg.image_size, cfg.flip)}
+
+
 def images_from_batch(batch: Any) -> torch.Tensor:
     """The (N, 3, S, S) image tensor of a collated batch (a tensor or a tuple/list)."""
     if isinstance(batch, torch.Tensor):
@@ -178,7 +202,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             raise RuntimeError(f"epoch {epoch}: the loader stopped after {i} of {steps} "
                                "batches; it must yield steps_per_epoch batches on every "
                                "rank") from None
-        imgs = images_from_batch(batch).to(device, non_blocking=True)  # (N, 3, S, S)
+        imgs = batch_to_device(batch, device)  # (N, 3, S, S)
         group_start = (i // accum_iter) * accum_iter
         group_size = min(accum_iter, steps - group_start)  # the last group may be short
         last_in_group = i == group_start + group_size - 1
@@ -428,6 +452,7 @@ def train_mae(shard_dir: Path | None, out: Path | OutputPaths, cfg: PretrainPara
         paths.remove_stale_temporaries()
     tracker = tracker if (tracker is not None and info.is_main) else Tracker(active=False)
     device = info.device
+    check_device_decode(cfg.decode, device)  # pretrain.decode: gpu without CUDA stops here
     factory, steps = _resolve_data(shard_dir, cfg, loader_factory, info.world_size)
     amp_dtype = resolve_amp(cfg.amp, device)
     accum = cfg.accum_iter
@@ -493,8 +518,7 @@ def train_mae(shard_dir: Path | None, out: Path | OutputPaths, cfg: PretrainPara
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     for epoch in range(start_epoch, last_epoch):
         loader = factory(batch_size=cfg.batch_size, steps_per_epoch=steps,
-                         num_workers=cfg.num_workers,
-                         map_sample=MapSample(cfg.image_size, cfg.flip),
+                         num_workers=cfg.num_workers, **loader_kwargs(cfg),
                          # data order: a pure function of (seed, epoch) and num_workers
                          seed=seed + epoch,
                          rank=info.rank, world_size=info.world_size)

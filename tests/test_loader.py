@@ -242,3 +242,105 @@ def test_ddp_gloo_two_processes_equal_steps(shards, tmp_path):
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["steps"] for r in res] == [10, 10]
     assert all(r["min"] == r["max"] == 10 for r in res)
+
+
+# --------------------------------------------------------------------------- decode: gpu path
+def _photo(item: _Item) -> bytes:
+    """A 20 px image with detail (gradient, a bar, noise): flips and JPEG decoding show."""
+    rng = np.random.default_rng(item.i)
+    y, x = np.mgrid[0:20, 0:20]
+    img = np.stack([x * 12, y * 12, (x + y) * 6], -1) + rng.normal(0, 8, (20, 20, 3))
+    img[:, 2:5] = (10 * item.i) % 256  # a vertical bar left of centre
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> Path:
+    """13 detailed 16 px samples in 3 shards, JPEG q95 (the shards stage's encoding)."""
+    out = tmp_path_factory.mktemp("photo_shards")
+    build_shards([_Item(i) for i in range(13)], _photo, out,
+                 ShardsParams(image_size=16, samples_per_shard=5, workers=1), progress=False)
+    return out
+
+
+def _both_paths(urls: list[str], *, num_workers: int, n_epochs: int, flip: bool = True,
+                image_size: int = 16, **kw) -> tuple[list, list]:
+    """Batches of the CPU path (PIL decode in the loader) and of the device path (raw bytes,
+    decoded by decode_batch on the CPU device), each read from a fresh loader after the same
+    torch seed, as train_mae reads them."""
+    from pipeline.jpeg_batch import CollateJpeg, JpegBatch, MapRawJpeg, decode_batch
+    from pipeline.pretrain import MapSample
+
+    common = dict(batch_size=4, steps_per_epoch=3, num_workers=num_workers, seed=5, **kw)
+    torch.manual_seed(11)
+    cpu_loader = make_train_loader(urls, map_sample=MapSample(image_size, flip), **common)
+    cpu = [[b[0] for b in cpu_loader] for _ in range(n_epochs)]
+    torch.manual_seed(11)
+    raw_loader = make_train_loader(urls, map_sample=MapRawJpeg(image_size, flip),
+                                   decode_images=False, collate_fn=CollateJpeg(image_size),
+                                   **common)
+    raw = [[b for b in raw_loader] for _ in range(n_epochs)]
+    assert all(isinstance(b, JpegBatch) and len(b) == 4 for e in raw for b in e)
+    dev = [[decode_batch(b, "cpu") for b in e] for e in raw]
+    return cpu, dev, raw
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_device_decode_equals_cpu_path(photo_shards, num_workers):
+    """pretrain.decode: gpu's batches (decoded here on the CPU device) are the CPU path's,
+    flips included, epoch after epoch, with the same number of steps."""
+    cpu, dev, raw = _both_paths(shard_urls(photo_shards), num_workers=num_workers, n_epochs=2)
+    assert [len(e) for e in cpu] == [len(e) for e in dev] == [3, 3]
+    for a_epoch, b_epoch in zip(cpu, dev):
+        for a, b in zip(a_epoch, b_epoch):
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (4, 3, 16, 16)
+            assert torch.equal(a, b)  # both libjpeg on CPU: exact
+    flips = torch.cat([b.flip for e in raw for b in e])
+    assert 0 < int(flips.sum()) < len(flips)  # both orientations were drawn
+    assert not torch.equal(torch.stack(cpu[0]), torch.stack(cpu[1]))  # epochs differ
+
+
+def test_device_decode_flips_exactly_the_flagged_images(photo_shards):
+    from pipeline.jpeg_batch import CollateJpeg, MapRawJpeg, decode_batch
+
+    loader = make_train_loader(shard_urls(photo_shards), batch_size=6, steps_per_epoch=1,
+                               num_workers=0, map_sample=MapRawJpeg(16, False),
+                               decode_images=False, collate_fn=CollateJpeg(16), seed=0)
+    batch = next(iter(loader))
+    assert not batch.flip.any()
+    plain = decode_batch(batch, "cpu")
+    batch.flip = torch.tensor([True, False, True, False, False, True])
+    flipped = decode_batch(batch, "cpu")
+    for i, f in enumerate(batch.flip.tolist()):
+        assert torch.equal(flipped[i], plain[i].flip(-1) if f else plain[i])
+    # the bar sits left of centre: a flip moves the bar's pixels to the right
+    assert not torch.equal(flipped[0], plain[0])
+
+
+def test_device_decode_resizes_and_names_broken_jpegs(photo_shards):
+    from pipeline.jpeg_batch import JpegBatch, MapRawJpeg, decode_batch
+
+    # Shards at 16 px read for 24 px images: resized (antialiased bicubic on the device vs
+    # Pillow's bicubic on the CPU path: close, not equal).
+    cpu, dev, _ = _both_paths(shard_urls(photo_shards), num_workers=0, n_epochs=1,
+                              image_size=24)
+    for a, b in zip(cpu[0], dev[0]):
+        assert b.shape == (4, 3, 24, 24)
+        assert (a - b).abs().mean() < 0.1  # normalised units: ~6 grey levels of 255
+    broken = JpegBatch([torch.frombuffer(bytearray(b"\xff\xd8not a jpeg"), dtype=torch.uint8)],
+                       torch.zeros(1, dtype=torch.bool), 16, ["syn-000007"])
+    with pytest.raises(ValueError, match="syn-000007.*does not decode.*pretrain.decode: cpu"):
+        decode_batch(broken, "cpu")
+    with pytest.raises(ValueError, match="no JPEG bytes"):
+        MapRawJpeg(16, True)({"__key__": "k", "json": b"{}"})
+
+
+def test_device_decode_refused_without_cuda():
+    from pipeline.jpeg_batch import check_device_decode
+
+    check_device_decode("cpu", torch.device("cpu"))  # the default path needs nothing
+    with pytest.raises(ValueError, match="pretrain.decode: gpu needs a CUDA device.*"
+                                         "pretrain.decode: cpu"):
+        check_device_decode("gpu", torch.device("cpu"))

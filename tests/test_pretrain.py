@@ -309,3 +309,73 @@ def test_stage_script_imports_a_checkpoint(tmp_path):
     run_info = json.loads((out / "run_info.json").read_text())
     assert run_info["params"]["pretrain"]["checkpoint"] == str(src)
     assert not (out / "model" / "run_info.json").exists()
+
+
+# --------------------------------------------------------------------------- decode: gpu
+@pytest.fixture(scope="module")
+def face_shards(tmp_path_factory) -> Path:
+    """The 40 faces as real JPEG shards (the shards stage), read by the real loader."""
+    import io
+
+    from pipeline.params import ShardsParams
+    from pipeline.shards import build_shards
+
+    class Item:
+        def __init__(self, i):
+            self.source, self.key, self.identity, self.i = "syn", f"f{i}", "s", i
+
+    def read(item) -> bytes:
+        buf = io.BytesIO()
+        IMAGES[item.i].save(buf, "PNG")
+        return buf.getvalue()
+
+    out = tmp_path_factory.mktemp("face_shards")
+    build_shards([Item(i) for i in range(len(IMAGES))], read, out,
+                 ShardsParams(image_size=IMG, samples_per_shard=10, workers=1), progress=False)
+    return out
+
+
+def test_decode_gpu_refused_before_any_work_without_cuda(tmp_path, face_shards):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="pretrain.decode: gpu needs a CUDA device"):
+        train_mae(face_shards, out, tiny_cfg(decode="gpu"), model_size=SIZE, seed=0,
+                  dist_info=DistInfo(0, 1, 0, torch.device("cpu"), None))
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_decode_param_is_validated():
+    from pipeline.params import ParamsError, build
+
+    assert PretrainParams().decode == "cpu"  # the CPU default
+    assert build(PretrainParams, {"decode": "gpu"}, "pretrain.").decode == "gpu"
+    with pytest.raises(ParamsError, match="pretrain.decode: 'nvjpeg' is not one of cpu, gpu"):
+        build(PretrainParams, {"decode": "nvjpeg"}, "pretrain.")
+
+
+def test_device_decode_path_trains_like_the_cpu_path_and_resumes(tmp_path, face_shards,
+                                                                 monkeypatch):
+    """decode: gpu hands raw JPEGs to the training process, which decodes them on its device;
+    on the CPU device (the CUDA check bypassed) the run is bit-identical to decode: cpu, and
+    a stopped and resumed device-path run equals an uninterrupted one."""
+    from pipeline import pretrain as pretrain_mod
+
+    cpu = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    kw = dict(model_size=SIZE, seed=4, dist_info=cpu)
+    cfg = tiny_cfg(epochs=2, steps_per_epoch=3, num_workers=1)
+    ref, m_ref = train_mae(face_shards, tmp_path / "cpu", cfg, **kw)
+    monkeypatch.setattr(pretrain_mod, "check_device_decode", lambda decode, device: None)
+    decoded = []
+    real_decode = pretrain_mod.decode_batch
+    monkeypatch.setattr(pretrain_mod, "decode_batch",
+                        lambda b, d: decoded.append(len(b)) or real_decode(b, d))
+    gpu_cfg = tiny_cfg(epochs=2, steps_per_epoch=3, num_workers=1, decode="gpu")
+    dev, m_dev = train_mae(face_shards, tmp_path / "dev", gpu_cfg, **kw)
+    assert decoded == [4] * 6  # every training batch went through decode_batch
+    assert m_dev["epoch_loss"] == m_ref["epoch_loss"]
+    a, b = ref.state_dict(), dev.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train_mae(face_shards, tmp_path / "stop", gpu_cfg, stop_after_epoch=1, **kw)
+    resumed, m_res = train_mae(face_shards, tmp_path / "stop", gpu_cfg, **kw)
+    assert m_res["epoch_loss"] == m_dev["epoch_loss"]
+    c = resumed.state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b)
