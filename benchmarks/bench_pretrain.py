@@ -1,27 +1,43 @@
 """Training-step throughput: our MAE (pipeline/models/mae.py) vs a reference-style MAE.
 
-The baseline is written the way the MAE reference code (models_mae.py of the MAE/FMAE
-release) runs it on a current PyTorch without its AMP flag: fp32, attention as explicit
-``softmax(q @ k^T * scale) @ v`` (the (N, heads, T, T) matrix is materialised), plain AdamW.
-Ours: ``F.scaled_dot_product_attention`` (fused kernels), fused AdamW, and bf16 autocast where
-``pretrain.amp: auto`` turns it on (CUDA GPUs with bf16; fp32 on CPU unless --amp bf16).
+The baseline model is written the way the MAE reference code (models_mae.py of the MAE/FMAE
+release) computes it: attention as explicit ``softmax(q @ k^T * scale) @ v`` (the
+(N, heads, T, T) matrix is materialised), plain (unfused) AdamW. Its step is the reference
+``engine_pretrain.py`` step (``--ref-step reference``, the default): ``torch.cuda.amp.autocast``
+(fp16 on CUDA; the reference has no bf16, and on CPU it is a no-op, i.e. fp32), ``loss.item()``,
+a GradScaler that unscales and computes the gradient norm every step, then
+``torch.cuda.synchronize()``; ``--ref-step plain`` times forward, backward, AdamW only, with
+``--ref-amp`` (default: the reference's fp16 on CUDA) for a model-only comparison.
+Ours is our loop's step: ``F.scaled_dot_product_attention`` (fused kernels), bf16 autocast
+where ``--amp`` (resolved like ``pretrain.amp``) turns it on, the loss read for the NaN check,
+fused AdamW.
 
 Both models have the same parameter names, so the baseline is loaded with our weights and the
 script first checks that both compute the same loss on the same images and mask (fp32), i.e.
 that the two sides do the same work. Then it times forward + backward + optimizer step,
 alternating rounds of the two models so that load from other processes hits both alike, and
-reports the median images/s per side, their ratio, and on CUDA the achieved TFLOP/s
-(analytic matmul FLOPs, 3x forward for training) and peak memory.
+reports the median images/s per side, their ratio, the achieved TFLOP/s, MFU and on CUDA
+the peak memory (``torch.cuda.max_memory_allocated``).
+
+FLOPs (:func:`train_flops_per_image`): matmul FLOPs only, 2 per multiply-add; one training step
+= 3x the forward (backward ~ 2x forward), forward = patch embedding on all L patches + encoder
+on the 1 + L(1 - mask_ratio) visible tokens + decoder on all 1 + L tokens + prediction head;
+a transformer block on T tokens of width d costs 24 T d^2 (qkv, proj, 2 MLP linears with
+ratio 4) + 4 T^2 d (q k^T and attn v). ViT-L/16 MAE at 224 px, decoder 512 x 8: 124.5
+GFLOP/image. MFU = images/s x FLOPs/image / ``--peak-tflops`` (default on CUDA: 989, the H100
+SXM's dense bf16 peak; give the peak of your GPU, e.g. 756 for H100 PCIe, 312 for A100).
 
     python benchmarks/bench_pretrain.py                          # the CPU default config
-    python benchmarks/bench_pretrain.py --model-size large --img-size 224 --patch 16 \
-        --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --batch 128   # paper, on a GPU
+    python benchmarks/bench_pretrain.py --device cuda --amp bf16 --model large --img-size 224 \
+        --patch 16 --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --batch 128 \
+        --steps 10 --rounds 3 --json bench_pretrain_h100.json    # paper scale, one GPU
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import platform
 import statistics
 import time
@@ -37,6 +53,7 @@ from pipeline.models.vit import sincos_pos_embed_2d, vit_size
 from pipeline.pretrain import param_groups, resolve_amp
 
 log = logging.getLogger("bench_pretrain")
+H100_SXM_BF16_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 (no sparsity)
 
 
 # --------------------------------------------------------------------------- baseline model
@@ -157,26 +174,75 @@ def train_flops_per_image(model_size: str, img: int, patch: int, dd: int, ddepth
     return 3.0 * fwd
 
 
-def time_steps(model, opt, imgs, steps: int, amp_dtype, device) -> float:
-    """Seconds for ``steps`` training steps (forward, backward, AdamW)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ours_step(model, opt, imgs, amp_dtype, device) -> None:
+    """Our loop's step (pipeline/pretrain.py train_one_epoch, accum_iter 1, bf16: no scaler)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, _, _ = model(imgs)
+    if not torch.isfinite(loss.detach()).item():  # the NaN check reads the loss every step
+        raise FloatingPointError("ours: non-finite loss")
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def plain_step(model, opt, imgs, amp_dtype, device) -> None:
+    """Forward, backward, AdamW: nothing else."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss, _, _ = model(imgs)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class ReferenceStep:
+    """The reference engine_pretrain.py step (accum_iter 1): ``torch.cuda.amp.autocast()``
+    (fp16 on CUDA, nothing on CPU), ``loss.item()``, NativeScalerWithGradNormCount (scale,
+    backward, unscale, gradient norm, step, update), zero_grad, ``torch.cuda.synchronize()``."""
+
+    def __init__(self, device: torch.device):
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+
+    def __call__(self, model, opt, imgs, amp_dtype, device) -> None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, _, _ = model(imgs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("reference: non-finite loss")
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(opt)
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)  # get_grad_norm_
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad()
+        _sync(device)
+
+
+def time_steps(step, model, opt, imgs, steps: int, amp_dtype, device) -> float:
+    """Seconds for ``steps`` calls of ``step`` (a training step)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(model, opt, imgs, amp_dtype, device)
+    _sync(device)
     return time.perf_counter() - t0
+
+
+def resolve_ref_amp(ref_amp: str, device: torch.device) -> torch.dtype | None:
+    """The baseline's autocast dtype: the reference autocasts to fp16 on CUDA only."""
+    if device.type != "cuda" or ref_amp == "off":
+        return None
+    return torch.float16 if ref_amp == "fp16" else torch.bfloat16
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-size", default="tiny")
+    ap.add_argument("--model-size", "--model", dest="model_size", default="tiny",
+                    help="ViT size of the encoder (tiny, small, base, large, huge)")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--decoder-dim", type=int, default=128)
@@ -188,6 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                     help="ours only (the baseline is fp32), resolved like pretrain.amp")
+    ap.add_argument("--ref-step", default="reference", choices=("reference", "plain"),
+                    help="the baseline's step: the reference engine's, or forward/backward/"
+                         "AdamW only")
+    ap.add_argument("--ref-amp", default="fp16", choices=("fp16", "bf16", "off"),
+                    help="the baseline's autocast dtype on CUDA (the reference: fp16); on CPU "
+                         "the reference's torch.cuda.amp.autocast does nothing (fp32)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak dense TFLOP/s for MFU (default on CUDA: 989, H100 SXM bf16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -209,19 +283,22 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"models disagree: loss {l_ours.item()} vs {l_ref.item()}")
 
     amp_dtype = resolve_amp(args.amp, device)
+    ref_dtype = resolve_ref_amp(args.ref_amp, device)
     fused = {"fused": True}
     opt_ours = torch.optim.AdamW(param_groups(ours, 0.05), lr=1e-4, betas=(0.9, 0.95), **fused)
     opt_ref = torch.optim.AdamW(param_groups(ref, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    sides = {"ours": (ours, opt_ours, amp_dtype), "reference": (ref, opt_ref, None)}
+    ref_step = ReferenceStep(device) if args.ref_step == "reference" else plain_step
+    sides = {"ours": (ours_step, ours, opt_ours, amp_dtype),
+             "reference": (ref_step, ref, opt_ref, ref_dtype)}
     speeds: dict[str, list[float]] = {k: [] for k in sides}
     peak: dict[str, float] = {}
-    for name, (m, o, dt) in sides.items():
-        time_steps(m, o, imgs, args.warmup, dt, device)
+    for name, (st, m, o, dt) in sides.items():
+        time_steps(st, m, o, imgs, args.warmup, dt, device)
     for r in range(args.rounds):
-        for name, (m, o, dt) in sides.items():
+        for name, (st, m, o, dt) in sides.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            sec = time_steps(m, o, imgs, args.steps, dt, device)
+            sec = time_steps(st, m, o, imgs, args.steps, dt, device)
             speeds[name].append(args.batch * args.steps / sec)
             if device.type == "cuda":
                 peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -229,23 +306,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     flops = train_flops_per_image(args.model_size, args.img_size, args.patch,
                                   args.decoder_dim, args.decoder_depth)
+    peak_tflops = args.peak_tflops or (H100_SXM_BF16_TFLOPS if device.type == "cuda" else None)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"CPU {platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} threads",
            "torch": torch.__version__, "config": vars(args) | {"json": None},
            "amp_ours": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-           "train_gflop_per_image": flops / 1e9}
+           "amp_reference": str(ref_dtype).replace("torch.", "") if ref_dtype else "fp32",
+           "reference_step": args.ref_step,
+           "train_gflop_per_image": flops / 1e9, "peak_tflops_assumed": peak_tflops}
     for name in sides:
         ips = statistics.median(speeds[name])
-        res[name] = {"images_per_s": ips, "rounds": speeds[name],
-                     "tflops": ips * flops / 1e12, "peak_mem_gib": peak.get(name)}
+        tflops = ips * flops / 1e12
+        res[name] = {"images_per_s": ips, "rounds": speeds[name], "tflops": tflops,
+                     "mfu": tflops / peak_tflops if peak_tflops else None,
+                     "peak_mem_gib": peak.get(name)}
     res["speedup"] = res["ours"]["images_per_s"] / res["reference"]["images_per_s"]
     for name in sides:
         r = res[name]
-        log.info("%-9s %8.1f images/s  %.3f TFLOP/s%s", name, r["images_per_s"], r["tflops"],
-                 f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
-    log.info("speed-up ours / reference: %.2fx  (%s, ours in %s)", res["speedup"],
-             res["device"], res["amp_ours"])
+        log.info("%-9s %8.1f images/s  %.3f TFLOP/s%s%s", name, r["images_per_s"], r["tflops"],
+                 f"  MFU {100 * r['mfu']:.1f}% of {peak_tflops:g}" if r["mfu"] is not None
+                 else "", f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
+    log.info("speed-up ours / reference: %.2fx  (%s, ours in %s, reference %s step in %s; "
+             "%.1f GFLOP/image per training step)", res["speedup"], res["device"],
+             res["amp_ours"], args.ref_step, res["amp_reference"], flops / 1e9)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return res
