@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
+import psutil  # installed with dvc (a dependency in pyproject.toml), which requires it
 import torch
 from PIL import Image
 

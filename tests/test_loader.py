@@ -266,7 +266,7 @@ def photo_shards(tmp_path_factory) -> Path:
 
 
 def _both_paths(urls: list[str], *, num_workers: int, n_epochs: int, flip: bool = True,
-                image_size: int = 16, **kw) -> tuple[list, list]:
+                image_size: int = 16, **kw) -> tuple[list, list, list]:
     """Batches of the CPU path (PIL decode in the loader) and of the device path (raw bytes,
     decoded by decode_batch on the CPU device), each read from a fresh loader after the same
     torch seed, as train_mae reads them."""
