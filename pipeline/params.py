@@ -215,10 +215,16 @@ class FinetuneParams:
             parse_run(r)
         if self.warmup_epochs > self.epochs:
             raise ParamsError("finetune.warmup_epochs must not exceed finetune.epochs")
+        # a run saves the listed epochs it reaches (pipeline/recipes.py), so the bound is the
+        # longest run: finetune.epochs or a finetune.recipes entry's epochs
+        longest = max([self.epochs] + [r.get("epochs", 0) for by_ds in self.recipes.values()
+                                       for r in by_ds.values()])
         for e in self.save_backbone_epochs:
-            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e <= self.epochs:
+            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e <= longest:
                 raise ParamsError(f"finetune.save_backbone_epochs: {e!r} is not an epoch "
-                                  f"between 0 and finetune.epochs ({self.epochs})")
+                                  f"between 0 and finetune.epochs ({self.epochs})"
+                                  + (f" or the longest recipe's ({longest})"
+                                     if longest > self.epochs else ""))
         for lam in self.sweep_lambdas:
             if (isinstance(lam, bool) or not isinstance(lam, (int, float))
                     or not math.isfinite(lam) or lam < 0):
