@@ -1,18 +1,19 @@
 """The paper's result tables and figures from our runs (paper sections 4.3-5.3).
 
 Reads the finetune runs (docs/design.md: ``data/finetune/<variant>/<dataset>-<fold>/``, the
-top-level seed's; repeats with ``finetune.extra_seeds`` in ``data/finetune/seed<k>/<variant>/
-<dataset>-<fold>/``), the optional ablation sweeps (``data/finetune/sweep_lambda/<run>/lambda<L>/`` and
-``data/finetune/sweep_depth/<run>/depth<D>/``, same files as a finetune run) and the identity
-probe (``data/probe/``), and writes to ``data/tables/``:
+top-level seed's; their repeats with ``finetune.extra_seeds`` in ``data/finetune/seed<k>/
+<variant>/<dataset>-<fold>/``), the optional ablation sweeps
+(``data/finetune/sweep_lambda/<run>/lambda<L>/`` and ``data/finetune/sweep_depth/<run>/
+depth<D>/``, same files as a finetune run) and the identity probe (``data/probe/``), and
+writes to ``data/tables/``:
 
 - ``table{1,2,3}_<dataset>``: per-AU F1 and mean, FMAE vs FMAE-IAT averaged over folds, under
   both protocols of method.md section 7, each row labelled: "F1 at 0.5, final epoch" (honest)
   and "paper protocol: best global threshold and best epoch on the test fold" (what the paper
   reports), plus the IAT - FMAE gain; with several seeds, the mean over seeds of the fold
-  means and the standard deviation over seeds of the Avg. column; for BP4D / BP4D+ / DISFA the paper's published rows
-  (Tables 1-3) beside ours. Table number: BP4D 1, BP4D+ 2, DISFA 3; the synthetic set uses
-  the BP4D layout, so 1.
+  means and the standard deviation over seeds of Avg.; for BP4D / BP4D+ / DISFA the paper's
+  published rows (Tables 1-3) beside ours. Table number: BP4D 1, BP4D+ 2, DISFA 3; the
+  synthetic set uses the BP4D layout, so 1.
 - ``ablation_lambda`` (Tables 5-6) and ``ablation_id_head_depth`` (Table 7) from sweep runs
   (or "not run"), ``identity_probe`` (section 5.1 numbers), ``figure2_model_size``, ``summary``;
 - ``figure2_model_size.png``, ``figure5_f1_<dataset>.png`` (F1 per epoch, Figure 5);

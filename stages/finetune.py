@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrained", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--lambda", dest="lambda_", type=float, default=None,
-                    help="override params 'lambda' (iat only; Tables 5-6 sweeps)")
+                    help="override the dataset's lambda (iat only; Tables 5-6 sweeps)")
     ap.add_argument("--id-head-depth", type=int, choices=(1, 2, 3), default=None,
                     help="override finetune.id_head_depth (iat only; Table 7 sweep)")
     ap.add_argument("--seed", type=int, default=None,
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--seed must be >= 0, got {args.seed}")
     lam = effective_lambda(params, dataset) if args.lambda_ is None else args.lambda_
     seed = params.seed if args.seed is None else args.seed
+    per_dataset = params.finetune.lambda_per_dataset
+    if args.variant == "iat" and args.lambda_ is None and dataset in per_dataset:
+        log.info("lambda %g from finetune.lambda_per_dataset.%s (top-level lambda %g unused)",
+                 lam, dataset, params.lambda_)
     cfg = effective_recipe(params.finetune, dataset, args.variant)
     if args.id_head_depth is not None:
         cfg = dataclasses.replace(cfg, id_head_depth=args.id_head_depth)
@@ -86,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                  fold=fold, variant=args.variant, lambda_=lam, model_size=params.model_size,
                  patch_size=params.pretrain.patch_size, seed=seed, tracker=tracker)
         if os.environ.get("RANK", "0") == "0":  # rank 0 writes (torchrun sets RANK)
-            record_protocol(args.out / "metrics.json", cfg, seed=seed,
-                            tracker=tracker)
+            record_protocol(args.out / "metrics.json", cfg, seed=seed, tracker=tracker)
     return 0
 
 
