@@ -151,8 +151,10 @@ def check_predictions(r: RunResult, unknown_labels: str, tol: float = 0.05) -> s
 
 # --------------------------------------------------------------------------- AU tables
 def au_table(ds: str, fmae: list[RunResult], iat: list[RunResult],
-             show_published: bool) -> tuple[Table, dict]:
-    """Tables 1-3 equivalent for one dataset; also returns its headline numbers."""
+             show_published: bool, unknown_labels: str | None = None) -> tuple[Table, dict]:
+    """Tables 1-3 equivalent for one dataset; also returns its headline numbers.
+    ``unknown_labels`` (finetune.unknown_labels) is noted for runs whose metrics.json does
+    not record it."""
     aus = sorted({a for r in fmae + iat for a in r.aus})
     if not aus:  # metrics.json without "aus": take the AUs named in the F1 dicts
         aus = sorted({a for r in fmae + iat for a in per_au_f1(r.metrics["final"])})
@@ -193,7 +195,7 @@ def au_table(ds: str, fmae: list[RunResult], iat: list[RunResult],
                           if ds in published.PAPER_LAMBDA else "") + ".")
     t.notes.append(f"Folds: {', '.join(sorted({r.run for r in fmae + iat}))} (fold k tests on "
                    "subject part k). Avg. is the mean over AUs of the fold-averaged F1.")
-    t.notes += protocol_notes(ds, fmae, iat)
+    t.notes += protocol_notes(ds, fmae, iat, unknown_labels)
     if show_published and ds in published.AU_TABLES:
         spec = published.AU_TABLES[ds]
         for row in spec["rows"]:
@@ -214,9 +216,11 @@ UNKNOWN_LABEL_TEXT = {
             "code counts them as absent)"}
 
 
-def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult]) -> list[str]:
+def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult],
+                   unknown_labels: str | None = None) -> list[str]:
     """Seeds, per-variant recipes and BP4D-style unknown-label handling of a dataset's runs,
-    from their metrics.json (runs written before these keys existed are left out)."""
+    from their metrics.json (label handling: ``unknown_labels`` where a run does not say;
+    recipes of runs written before metrics.json recorded them are left out)."""
     notes = []
     seeds = sorted({r.seed for r in fmae + iat if r.seed is not None})
     if len(seeds) > 1:
@@ -230,7 +234,7 @@ def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult]) -> list
             notes.append(f"{VARIANT_NAMES[v]} recipe: " + "; ".join(
                 f"{d['epochs']} epochs ({d['warmup_epochs']} warmup), blr {d['blr']:g}"
                 for d in map(dict, sorted(recipes))) + ".")
-    handling = {r.metrics.get("unknown_labels") for r in fmae + iat} - {None}
+    handling = {r.metrics.get("unknown_labels", unknown_labels) for r in fmae + iat} - {None}
     if ds != "disfa" and handling:
         notes.append("Not-coded AU labels (BP4D's 9): " + "; ".join(
             UNKNOWN_LABEL_TEXT.get(h, h) for h in sorted(handling)) + ".")
@@ -663,7 +667,8 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
     for ds in datasets:
         all_v = {v: [x for r in runs if parse_run(r)[0] == ds for x in repeats[v][r]]
                  for v in VARIANTS}
-        t, h = au_table(ds, all_v["fmae"], all_v["iat"], show_pub)
+        t, h = au_table(ds, all_v["fmae"], all_v["iat"], show_pub,
+                        params.finetune.unknown_labels)
         au_tables[ds], f1_headline[ds] = t, h
         written += write_table(t, out_dir)
         fig = out_dir / f"figure5_f1_{ds}.png"

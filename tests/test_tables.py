@@ -321,3 +321,5 @@ def test_single_seed_shows_no_std(built):
     row = next(r for r in _md_rows(md) if r[0] == "FMAE (ours)" and r[1] == PROTO_FINAL)
     assert row[-3:] == ["–", "2", "1"]  # Std (seeds), Folds, Seeds
     assert not re.search(r"Seeds \d", md) and "_std" not in json.dumps(built["metrics"])
+    # runs without "unknown_labels" in metrics.json: the params' handling is noted
+    assert "Not-coded AU labels (BP4D's 9): masked out of loss and metrics" in md
