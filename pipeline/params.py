@@ -29,6 +29,9 @@ PRETRAIN_SOURCES = (
 AU_DATASETS = ("synthetic", "bp4d", "bp4d_plus", "disfa")
 # Number of subject-exclusive parts per dataset (protocols.md); synthetic is a param.
 AU_DATASET_PARTS = {"bp4d": 3, "bp4d_plus": 4, "disfa": 3}
+FINETUNE_VARIANTS = ("fmae", "iat")
+# finetune keys a per-dataset, per-variant recipe (finetune.recipes) may override
+RECIPE_KEYS = ("epochs", "warmup_epochs", "blr")
 
 
 class ParamsError(ValueError):
@@ -194,17 +197,38 @@ class FinetuneParams:
     sweep_lambdas: list = F([], doc="Tables 5-6: extra IAT runs per lambda; [] = skip")
     sweep_id_head_depths: list = F([], doc="Table 7: extra IAT runs per ID head depth")
     sweep_runs: list = F([], doc="runs the sweeps use, e.g. [bp4d-2]")
+    lambda_per_dataset: dict = F({}, doc="dataset -> IAT lambda, overriding the top-level "
+                                         "lambda for that dataset (paper: bp4d 2, bp4d_plus 1, "
+                                         "disfa 0.5)")
+    recipes: dict = F({"fmae": {}, "iat": {}},
+                      doc="variant -> dataset -> {epochs, warmup_epochs, blr} overriding "
+                          "this section's values for those runs (pipeline/recipes.py)")
+    extra_seeds: list = F([], doc="seeds each run is repeated with, beyond the top-level "
+                                  "seed; tables give mean and std over all seeds")
 
     def __post_init__(self):
         _unique("finetune.runs", self.runs, nonempty=True)
+        object.__setattr__(self, "lambda_per_dataset", _check_lambda_map(
+            "finetune.lambda_per_dataset", self.lambda_per_dataset))
+        object.__setattr__(self, "recipes", _check_recipes(self))
+        _unique("finetune.extra_seeds", self.extra_seeds)
+        for s in self.extra_seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ParamsError(f"finetune.extra_seeds: {s!r} must be an integer >= 0")
         for r in list(self.runs) + list(self.sweep_runs):
             parse_run(r)
         if self.warmup_epochs > self.epochs:
             raise ParamsError("finetune.warmup_epochs must not exceed finetune.epochs")
+        # a run saves the listed epochs it reaches (pipeline/recipes.py), so the bound is the
+        # longest run: finetune.epochs or a finetune.recipes entry's epochs
+        longest = max([self.epochs] + [r.get("epochs", 0) for by_ds in self.recipes.values()
+                                       for r in by_ds.values()])
         for e in self.save_backbone_epochs:
-            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e <= self.epochs:
+            if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e <= longest:
                 raise ParamsError(f"finetune.save_backbone_epochs: {e!r} is not an epoch "
-                                  f"between 0 and finetune.epochs ({self.epochs})")
+                                  f"between 0 and finetune.epochs ({self.epochs})"
+                                  + (f" or the longest recipe's ({longest})"
+                                     if longest > self.epochs else ""))
         for lam in self.sweep_lambdas:
             if (isinstance(lam, bool) or not isinstance(lam, (int, float))
                     or not math.isfinite(lam) or lam < 0):
@@ -268,6 +292,9 @@ class Params:
             n = n_parts(ds, self)
             if fold > n:
                 raise ParamsError(f"finetune.runs: run {r!r}: {ds} has {n} folds (1..{n})")
+        if self.seed in self.finetune.extra_seeds:
+            raise ParamsError(f"finetune.extra_seeds: {self.seed} is the top-level seed, whose "
+                              "runs are the main finetune stages; list only the other seeds")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -301,6 +328,60 @@ def _unique(key: str, values: list, nonempty: bool = False) -> None:
         raise ParamsError(f"{key} lists a value twice: {values}")
 
 
+def _check_lambda_map(key: str, mapping: dict) -> dict:
+    """``{dataset: lambda}`` with known dataset names and lambdas in [0, 1000], as floats."""
+    out = {}
+    for ds, lam in mapping.items():
+        if ds not in AU_DATASETS:
+            raise ParamsError(f"{key}: unknown dataset {ds!r}; known: {', '.join(AU_DATASETS)}")
+        meta = dict(next(f for f in dataclasses.fields(Params) if f.name == "lambda_").metadata)
+        out[ds] = _check_scalar(f"{key}.{ds}", lam, float, meta)
+    return out
+
+
+def _check_recipes(cfg: "FinetuneParams") -> dict:
+    """Validate ``finetune.recipes`` (variant -> dataset -> {epochs, warmup_epochs, blr})
+    against the section's own field ranges; every effective recipe must keep
+    ``warmup_epochs <= epochs``. Returns the mapping with numbers cast (ints to float blr)."""
+    fields = {f.name: f for f in dataclasses.fields(FinetuneParams)}
+    hints = typing.get_type_hints(FinetuneParams)
+    if not isinstance(cfg.recipes, dict):
+        raise ParamsError(f"finetune.recipes: expected a mapping, got {cfg.recipes!r}")
+    out: dict = {}
+    for variant, by_ds in cfg.recipes.items():
+        key = f"finetune.recipes.{variant}"
+        if variant not in FINETUNE_VARIANTS:
+            raise ParamsError(f"{key}: unknown variant {variant!r}; known: "
+                              f"{', '.join(FINETUNE_VARIANTS)}")
+        if by_ds is None:
+            by_ds = {}
+        if not isinstance(by_ds, dict):
+            raise ParamsError(f"{key}: expected a mapping of dataset -> recipe, got {by_ds!r}")
+        out[variant] = {}
+        for ds, recipe in by_ds.items():
+            dkey = f"{key}.{ds}"
+            if ds not in AU_DATASETS:
+                raise ParamsError(f"{dkey}: unknown dataset {ds!r}; known: "
+                                  f"{', '.join(AU_DATASETS)}")
+            if not isinstance(recipe, dict) or not recipe:
+                raise ParamsError(f"{dkey}: expected a mapping of some of "
+                                  f"{', '.join(RECIPE_KEYS)}, got {recipe!r}")
+            checked = {}
+            for k, v in recipe.items():
+                if k not in RECIPE_KEYS:
+                    raise ParamsError(f"{dkey}.{k}: unknown recipe key; a recipe may set "
+                                      f"{', '.join(RECIPE_KEYS)}")
+                checked[k] = _check_scalar(f"{dkey}.{k}", v, hints[k], dict(fields[k].metadata))
+            epochs = checked.get("epochs", cfg.epochs)
+            if checked.get("warmup_epochs", cfg.warmup_epochs) > epochs:
+                raise ParamsError(f"{dkey}: warmup_epochs exceeds epochs ({epochs}); set "
+                                  f"{dkey}.warmup_epochs")
+            out[variant][ds] = checked
+    for variant in FINETUNE_VARIANTS:
+        out.setdefault(variant, {})
+    return out
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -325,6 +406,11 @@ def _check_scalar(key: str, value: Any, tp, meta: dict) -> Any:
     elif tp is list:
         if not isinstance(value, list):
             raise ParamsError(f"{key}: expected a list, got {value!r}")
+    elif tp is dict:
+        if value is None:  # `key:` with nothing under it
+            value = {}
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
     choices = meta.get("choices")
     if choices is not None:
         items = value if isinstance(value, list) else [value]

@@ -1,16 +1,19 @@
 """The paper's result tables and figures from our runs (paper sections 4.3-5.3).
 
-Reads the finetune runs (docs/design.md: ``data/finetune/<variant>/<dataset>-<fold>/``), the
-optional ablation sweeps (``data/finetune/sweep_lambda/<run>/lambda<L>/`` and
-``data/finetune/sweep_depth/<run>/depth<D>/``, same files as a finetune run) and the identity
-probe (``data/probe/``), and writes to ``data/tables/``:
+Reads the finetune runs (docs/design.md: ``data/finetune/<variant>/<dataset>-<fold>/``, the
+top-level seed's; their repeats with ``finetune.extra_seeds`` in ``data/finetune/seed<k>/
+<variant>/<dataset>-<fold>/``), the optional ablation sweeps
+(``data/finetune/sweep_lambda/<run>/lambda<L>/`` and ``data/finetune/sweep_depth/<run>/
+depth<D>/``, same files as a finetune run) and the identity probe (``data/probe/``), and
+writes to ``data/tables/``:
 
 - ``table{1,2,3}_<dataset>``: per-AU F1 and mean, FMAE vs FMAE-IAT averaged over folds, under
   both protocols of method.md section 7, each row labelled: "F1 at 0.5, final epoch" (honest)
   and "paper protocol: best global threshold and best epoch on the test fold" (what the paper
-  reports), plus the IAT - FMAE gain; for BP4D / BP4D+ / DISFA the paper's published rows
-  (Tables 1-3) beside ours. Table number: BP4D 1, BP4D+ 2, DISFA 3; the synthetic set uses
-  the BP4D layout, so 1.
+  reports), plus the IAT - FMAE gain; with several seeds, the mean over seeds of the fold
+  means and the standard deviation over seeds of Avg.; for BP4D / BP4D+ / DISFA the paper's
+  published rows (Tables 1-3) beside ours. Table number: BP4D 1, BP4D+ 2, DISFA 3; the
+  synthetic set uses the BP4D layout, so 1.
 - ``ablation_lambda`` (Tables 5-6) and ``ablation_id_head_depth`` (Table 7) from sweep runs
   (or "not run"), ``identity_probe`` (section 5.1 numbers), ``figure2_model_size``, ``summary``;
 - ``figure2_model_size.png``, ``figure5_f1_<dataset>.png`` (F1 per epoch, Figure 5);
@@ -24,21 +27,20 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import published
-from pipeline.io import atomic_write_json, read_json, round_floats, save_figure
-from pipeline.params import MODEL_SIZES, Params, ParamsError, parse_run
+from pipeline.io import atomic_write_json, round_floats, save_figure
+from pipeline.params import MODEL_SIZES, Params, parse_run
+from pipeline.recipes import effective_lambda, run_seeds
+from pipeline.runs import VARIANTS, RunResult, au_number, load_seed_runs, load_sweeps
 from pipeline.report import Section, Table, write_report, write_table
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fmae", "iat")
 VARIANT_NAMES = {"fmae": "FMAE", "iat": "FMAE-IAT"}
 VARIANT_COLORS = {"fmae": "tab:red", "iat": "tab:blue"}
 DATASET_NAMES = {"bp4d": "BP4D", "bp4d_plus": "BP4D+", "disfa": "DISFA",
@@ -56,91 +58,6 @@ PROTOCOL_NOTE = (f"Protocols: \"{PROTO_FINAL}\" thresholds the AU "
                  f"\"{PROTO_PAPER}\" picks the single threshold (0.01-0.99) and the epoch that "
                  f"maximise mean F1 on the test fold itself, as the reference code and the "
                  f"published numbers do. Compare published rows with paper-protocol rows only.")
-# sweep kind -> (folder under data/finetune, run sub-folder pattern, metrics.json key it sets)
-SWEEPS = {"lambda": ("sweep_lambda", re.compile(r"^lambda(?P<v>[0-9.eE+-]+)$"), "lambda"),
-          "depth": ("sweep_depth", re.compile(r"^depth(?P<v>\d+)$"), "id_head_depth")}
-
-
-# --------------------------------------------------------------------------- loading runs
-@dataclass
-class RunResult:
-    """One finetune run's outputs (docs/design.md finetune contract)."""
-    run: str
-    dataset: str
-    fold: int
-    variant: str
-    path: Path
-    metrics: dict
-    history: pd.DataFrame | None
-    sweep: str | None = None  # "lambda" / "depth" for ablation runs
-
-    @property
-    def aus(self) -> list[int]:
-        return [au_number(a) for a in self.metrics.get("aus", [])]
-
-    @property
-    def lam(self) -> float:
-        v = self.metrics.get("lambda")
-        return 0.0 if self.variant == "fmae" or v is None else float(v)
-
-    @property
-    def depth(self) -> int | None:
-        v = self.metrics.get("id_head_depth")
-        return None if v is None else int(v)
-
-
-def au_number(a) -> int:
-    """1, "1", "AU1" and "AU01" -> 1."""
-    m = re.fullmatch(r"(?:AU)?0*(\d+)", str(a).strip(), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{a!r} is not an AU name like 'AU12'")
-    return int(m[1])
-
-
-def load_run(run_dir: str | Path, variant: str, run: str) -> RunResult:
-    """Read ``metrics.json`` (required) and ``history.csv`` (optional) of one run."""
-    run_dir = Path(run_dir)
-    ds, fold = parse_run(run)
-    metrics = read_json(run_dir / "metrics.json")
-    for key in ("final", "paper_protocol"):
-        if not isinstance(metrics.get(key), dict) or "f1_mean" not in metrics[key]:
-            raise ValueError(f"{run_dir / 'metrics.json'}: '{key}' with 'f1_mean' missing; the "
-                             "file does not follow the finetune contract (docs/design.md); "
-                             "re-run the finetune stage")
-    hist_path = run_dir / "history.csv"
-    history = pd.read_csv(hist_path) if hist_path.is_file() else None
-    if history is None:
-        log.warning("%s: missing; Figure 5 leaves this run out", hist_path)
-    return RunResult(run, ds, fold, variant, run_dir, metrics, history)
-
-
-def load_sweeps(finetune_dir: Path) -> list[RunResult]:
-    """Every finished ablation run: ``sweep_lambda/<run>/lambda<L>/`` and
-    ``sweep_depth/<run>/depth<D>/`` folders that hold a ``metrics.json``."""
-    out = []
-    for kind, (folder, pattern, key) in SWEEPS.items():
-        root = finetune_dir / folder
-        if not root.is_dir():
-            continue
-        for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            try:
-                parse_run(run_dir.name)
-            except ParamsError:
-                log.warning("%s: not a <dataset>-<fold> folder; ignored", run_dir)
-                continue
-            for cfg_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-                m = pattern.match(cfg_dir.name)
-                if not m or not (cfg_dir / "metrics.json").is_file():
-                    log.warning("%s: not a finished %s sweep run; ignored", cfg_dir, kind)
-                    continue
-                r = load_run(cfg_dir, "iat", run_dir.name)
-                r.sweep = kind
-                # metrics.json is authoritative; the folder name is the fallback.
-                r.metrics.setdefault(key, float(m["v"]) if kind == "lambda" else int(m["v"]))
-                out.append(r)
-    return out
-
-
 def per_au_f1(section: dict | None) -> dict[int, float]:
     """``{"f1": {"AU1": 55.0, ...}}`` -> ``{1: 55.0, ...}`` (None / NaN left out)."""
     if not section:
@@ -158,17 +75,37 @@ def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def aggregate(runs: list[RunResult], protocol: str, aus: list[int]) -> dict:
-    """Mean over folds of each AU's F1 under ``protocol``; "avg" is the mean over AUs of those.
-
-    Returns ``{"f1": {au: mean or None}, "avg": float, "folds": n}``.
-    """
+def _fold_mean(runs: list[RunResult], protocol: str, aus: list[int]) -> dict:
+    """Mean over folds of each AU's F1 under ``protocol``; "avg" is the mean over AUs."""
     per_fold = [per_au_f1(r.metrics.get(protocol)) for r in runs]
     f1 = {au: _nanmean([d.get(au) for d in per_fold]) for au in aus}
     avg = _nanmean(f1.values())
     if avg is None:  # runs without per-AU values: fall back to their reported means
         avg = _nanmean([(r.metrics.get(protocol) or {}).get("f1_mean") for r in runs])
-    return {"f1": f1, "avg": avg, "folds": len(runs)}
+    return {"f1": f1, "avg": avg}
+
+
+def seed_std(values) -> float | None:
+    """Sample standard deviation (ddof 1) over seeds; None with fewer than two values."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+
+
+def aggregate(runs: list[RunResult], protocol: str, aus: list[int]) -> dict:
+    """Fold means per seed, then their mean over seeds (and the std of "avg" over seeds).
+
+    ``runs`` holds every (fold, seed) run of one dataset and variant; runs without a seed
+    count as one seed. Returns ``{"f1": {au: mean or None}, "avg": float, "avg_std": float
+    or None (one seed), "folds": n distinct folds, "seeds": n seeds}``.
+    """
+    by_seed: dict = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    per_seed = [_fold_mean(rs, protocol, aus) for rs in by_seed.values()]
+    f1 = {au: _nanmean([p["f1"][au] for p in per_seed]) for au in aus}
+    return {"f1": f1, "avg": _nanmean([p["avg"] for p in per_seed]),
+            "avg_std": seed_std([p["avg"] for p in per_seed]),
+            "folds": len({r.run for r in runs}), "seeds": len(per_seed)}
 
 
 # --------------------------------------------------------------------------- cross-check
@@ -214,18 +151,22 @@ def check_predictions(r: RunResult, unknown_labels: str, tol: float = 0.05) -> s
 
 # --------------------------------------------------------------------------- AU tables
 def au_table(ds: str, fmae: list[RunResult], iat: list[RunResult],
-             show_published: bool) -> tuple[Table, dict]:
-    """Tables 1-3 equivalent for one dataset; also returns its headline numbers."""
+             show_published: bool, unknown_labels: str | None = None) -> tuple[Table, dict]:
+    """Tables 1-3 equivalent for one dataset; also returns its headline numbers.
+    ``unknown_labels`` (finetune.unknown_labels) is noted for runs whose metrics.json does
+    not record it."""
     aus = sorted({a for r in fmae + iat for a in r.aus})
     if not aus:  # metrics.json without "aus": take the AUs named in the F1 dicts
         aus = sorted({a for r in fmae + iat for a in per_au_f1(r.metrics["final"])})
     name = f"table{TABLE_NUMBER.get(ds, 1)}_{ds}"
+    n_seeds = len({r.seed for r in fmae + iat})
     title = (f"F1 (%) per AU on {DATASET_NAMES.get(ds, ds)}, mean over folds "
              f"(paper Table {TABLE_NUMBER[ds]})" if ds in TABLE_NUMBER else
              f"F1 (%) per AU on {DATASET_NAMES.get(ds, ds)}, mean over folds (layout of paper "
              f"Table 1)")
-    t = Table(name, title, ["Method", "Protocol"] + [f"AU{a}" for a in aus] + ["Avg.", "Folds"])
-    headline: dict = {"folds": len(fmae)}
+    t = Table(name, title, ["Method", "Protocol"] + [f"AU{a}" for a in aus]
+              + ["Avg.", "Std (seeds)", "Folds", "Seeds"])
+    headline: dict = {"folds": len({r.run for r in fmae}), "seeds": n_seeds}
     by_variant = {"fmae": fmae, "iat": iat}
     for key, label in PROTOCOLS.items():
         if key == "val_selected" and not all(r.metrics.get(key) for r in fmae + iat):
@@ -233,12 +174,14 @@ def au_table(ds: str, fmae: list[RunResult], iat: list[RunResult],
         agg = {v: aggregate(runs, key, aus) for v, runs in by_variant.items() if runs}
         for v, a in agg.items():
             t.add([VARIANT_NAMES[v] + " (ours)", label] + [a["f1"][au] for au in aus]
-                  + [a["avg"], a["folds"]])
+                  + [a["avg"], a["avg_std"], a["folds"], a["seeds"]])
             headline.setdefault(v, {})[key] = a["avg"]
+            if a["avg_std"] is not None:
+                headline[v][f"{key}_std"] = a["avg_std"]
         if len(agg) == 2:
             gain = [_sub(agg["iat"]["f1"][au], agg["fmae"]["f1"][au]) for au in aus]
             t.add(["IAT - FMAE (ours)", label] + gain
-                  + [_sub(agg["iat"]["avg"], agg["fmae"]["avg"]), None])
+                  + [_sub(agg["iat"]["avg"], agg["fmae"]["avg"]), None, None, None])
             headline.setdefault("gain", {})[key] = _sub(agg["iat"]["avg"], agg["fmae"]["avg"])
     for v, runs in by_variant.items():
         if runs:  # mean per-AU ROC AUC on held-out subjects at the final epoch (a fraction)
@@ -252,17 +195,50 @@ def au_table(ds: str, fmae: list[RunResult], iat: list[RunResult],
                           if ds in published.PAPER_LAMBDA else "") + ".")
     t.notes.append(f"Folds: {', '.join(sorted({r.run for r in fmae + iat}))} (fold k tests on "
                    "subject part k). Avg. is the mean over AUs of the fold-averaged F1.")
+    t.notes += protocol_notes(ds, fmae, iat, unknown_labels)
     if show_published and ds in published.AU_TABLES:
         spec = published.AU_TABLES[ds]
         for row in spec["rows"]:
             method = (f"{row.method} (published)" if row.venue == "paper"
                       else f"{row.method}, {row.venue} (published)")
-            t.add([method, PROTO_PUBLISHED] + [row.f1.get(a) for a in aus] + [row.avg, None])
+            t.add([method, PROTO_PUBLISHED] + [row.f1.get(a) for a in aus]
+                  + [row.avg, None, None, None])
         t.notes.append(f"Published rows: paper Table {spec['table']} (FMAE, FMAE-IAT and the "
                        "two strongest prior methods it lists), reported under the paper "
                        "protocol." + "".join(f" {r.method}: {r.note}." for r in spec["rows"]
                                              if r.note))
     return t, headline
+
+
+UNKNOWN_LABEL_TEXT = {
+    "negative": "counted as absent (finetune.unknown_labels: negative, as the reference code)",
+    "mask": "masked out of loss and metrics (finetune.unknown_labels: mask; the reference "
+            "code counts them as absent)"}
+
+
+def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult],
+                   unknown_labels: str | None = None) -> list[str]:
+    """Seeds, per-variant recipes and BP4D-style unknown-label handling of a dataset's runs,
+    from their metrics.json (label handling: ``unknown_labels`` where a run does not say;
+    recipes of runs written before metrics.json recorded them are left out)."""
+    notes = []
+    seeds = sorted({r.seed for r in fmae + iat if r.seed is not None})
+    if len(seeds) > 1:
+        notes.append(f"Seeds {', '.join(map(str, seeds))}: per-AU F1 and Avg. are means over "
+                     "seeds of the fold means; Std (seeds) is the sample standard deviation "
+                     "over seeds of Avg.")
+    for v, runs in (("fmae", fmae), ("iat", iat)):
+        recipes = {tuple(sorted(r.metrics["recipe"].items())) for r in runs
+                   if isinstance(r.metrics.get("recipe"), dict)}
+        if recipes:
+            notes.append(f"{VARIANT_NAMES[v]} recipe: " + "; ".join(
+                f"{d['epochs']} epochs ({d['warmup_epochs']} warmup), blr {d['blr']:g}"
+                for d in map(dict, sorted(recipes))) + ".")
+    handling = {r.metrics.get("unknown_labels", unknown_labels) for r in fmae + iat} - {None}
+    if ds != "disfa" and handling:
+        notes.append("Not-coded AU labels (BP4D's 9): " + "; ".join(
+            UNKNOWN_LABEL_TEXT.get(h, h) for h in sorted(handling)) + ".")
+    return notes
 
 
 # --------------------------------------------------------------------------- ablations
@@ -308,7 +284,8 @@ def lambda_table(sweeps: list[RunResult], main: dict[str, dict[str, RunResult]],
                 continue
             # The main runs are the same training with lambda 0 (FMAE) and params lambda.
             for v, lam, label in (("fmae", 0.0, "ours (main FMAE run)"),
-                                  ("iat", params.lambda_, "ours (main FMAE-IAT run)")):
+                                  ("iat", effective_lambda(params, ds),
+                                   "ours (main FMAE-IAT run)")):
                 r = main.get(v, {}).get(run)
                 if r is not None and not any(_isclose(lam, k) for k in rows):
                     rows[lam] = (label, r)
@@ -608,10 +585,11 @@ def plot_f1_dynamics(ds: str, by_variant: dict[str, list[RunResult]], path: Path
 
 # --------------------------------------------------------------------------- stage entry
 def _summary_table(f1: dict, probe: dict, show_published: bool) -> Table:
-    t = Table("summary", "Headline: mean F1 (%) and AUC over folds, and identity-probe "
-              "accuracy (%)",
-              ["Dataset", "Variant", PROTO_FINAL, "F1, paper protocol", "Published F1",
-               "AUC (final)", "Identity probe, authors' recipe (final)",
+    t = Table("summary", "Headline: mean F1 (%) and AUC over folds (and seeds), and "
+              "identity-probe accuracy (%)",
+              ["Dataset", "Variant", PROTO_FINAL, "Std (seeds), 0.5", "F1, paper protocol",
+               "Std (seeds), paper", "Published F1", "AUC (final)",
+               "Identity probe, authors' recipe (final)",
                "Identity probe, converged (final)", "Probe chance"],
               col_digits={"AUC (final)": 3})
 
@@ -623,14 +601,17 @@ def _summary_table(f1: dict, probe: dict, show_published: bool) -> Table:
             if v not in d:
                 continue
             pub = published.HEADLINE_F1.get(ds, {}).get(v) if show_published else None
-            t.add([ds, VARIANT_NAMES[v], d[v].get("final"), d[v].get("paper_protocol"), pub,
+            t.add([ds, VARIANT_NAMES[v], d[v].get("final"), d[v].get("final_std"),
+                   d[v].get("paper_protocol"), d[v].get("paper_protocol_std"), pub,
                    d[v].get("auc"), pr(ds, v, "recipe"), pr(ds, v, "converged"),
                    probe.get(ds, {}).get("chance")])
         if "gain" in d:
-            t.add([ds, "IAT - FMAE", d["gain"].get("final"), d["gain"].get("paper_protocol"),
-                   _sub(published.HEADLINE_F1.get(ds, {}).get("iat"),
-                        published.HEADLINE_F1.get(ds, {}).get("fmae")) if show_published
-                   else None, _sub(d.get("iat", {}).get("auc"), d.get("fmae", {}).get("auc")),
+            pub_gain = (_sub(published.HEADLINE_F1.get(ds, {}).get("iat"),
+                             published.HEADLINE_F1.get(ds, {}).get("fmae"))
+                        if show_published else None)
+            t.add([ds, "IAT - FMAE", d["gain"].get("final"), None,
+                   d["gain"].get("paper_protocol"), None, pub_gain,
+                   _sub(d.get("iat", {}).get("auc"), d.get("fmae", {}).get("auc")),
                    _sub(pr(ds, "iat", "recipe"), pr(ds, "fmae", "recipe")),
                    _sub(pr(ds, "iat", "converged"), pr(ds, "fmae", "converged")), None])
     t.notes.append(PROTOCOL_NOTE)
@@ -669,16 +650,12 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
     finetune_dir, probe_dir, out_dir = Path(finetune_dir), Path(probe_dir), Path(out_dir)
     show_pub = params.tables.show_published
     runs = list(params.finetune.runs)
-    main: dict[str, dict[str, RunResult]] = {v: {} for v in VARIANTS}
-    for v in VARIANTS:
-        for run in runs:
-            run_dir = finetune_dir / v / run
-            if not run_dir.is_dir():
-                raise FileNotFoundError(f"{run_dir}: finetune run missing (finetune.runs lists "
-                                        f"{run!r}); run `dvc repro finetune_{v}`")
-            main[v][run] = load_run(run_dir, v, run)
-    warnings = [w for v in VARIANTS for r in main[v].values()
-                if (w := check_predictions(r, params.finetune.unknown_labels))]
+    repeats = load_seed_runs(finetune_dir, params)
+    # the top-level seed's runs: the probe, ablation and model-size tables read these
+    main = {v: {run: rs[0] for run, rs in by_run.items()} for v, by_run in repeats.items()}
+    warnings = [w for v in VARIANTS for rs in repeats[v].values() for r in rs
+                if (w := check_predictions(r, r.metrics.get("unknown_labels",
+                                                            params.finetune.unknown_labels)))]
     for w in warnings:
         log.warning("%s", w)
 
@@ -688,11 +665,14 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
     au_tables: dict[str, Table] = {}
     datasets = list(dict.fromkeys(parse_run(r)[0] for r in runs))
     for ds in datasets:
-        by_v = {v: [main[v][r] for r in runs if parse_run(r)[0] == ds] for v in VARIANTS}
-        t, h = au_table(ds, by_v["fmae"], by_v["iat"], show_pub)
+        all_v = {v: [x for r in runs if parse_run(r)[0] == ds for x in repeats[v][r]]
+                 for v in VARIANTS}
+        t, h = au_table(ds, all_v["fmae"], all_v["iat"], show_pub,
+                        params.finetune.unknown_labels)
         au_tables[ds], f1_headline[ds] = t, h
         written += write_table(t, out_dir)
         fig = out_dir / f"figure5_f1_{ds}.png"
+        by_v = {v: [main[v][r] for r in runs if parse_run(r)[0] == ds] for v in VARIANTS}
         if plot_f1_dynamics(ds, by_v, fig):
             figures[f"f1_{ds}"] = fig
 
@@ -747,7 +727,9 @@ def build_tables(finetune_dir: str | Path, probe_dir: str | Path, out_dir: str |
         s.para("The final-epoch F1 at 0.5 in every metrics.json agrees with predictions.parquet "
                "(recomputed here).")
     sections.append(s)
-    intro = [f"Runs: {', '.join(runs)}; lambda = {params.lambda_:g}; ViT size "
+    lams = ", ".join(f"{ds} {effective_lambda(params, ds):g}" for ds in datasets)
+    intro = [f"Runs: {', '.join(runs)}; seeds {', '.join(map(str, run_seeds(params)))}; "
+             f"FMAE-IAT lambda: {lams}; ViT size "
              f"(params) = {params.model_size}. Published rows are the paper's numbers "
              "(Ning, Salah, Onal Ertugrul: Representation Learning and Identity Adversarial "
              "Training for Facial Behavior Understanding).", PROTOCOL_NOTE]

@@ -5,20 +5,25 @@
         --out data/finetune/iat/synthetic-1
 
 ``--lambda`` and ``--id-head-depth`` override the params for the ablation sweeps
-(paper Tables 5-7). See pipeline/finetune.py for the method.
+(paper Tables 5-7); ``--seed`` and ``--no-backbones`` serve the extra-seed repeats
+(``finetune.extra_seeds``). The run's lambda and recipe (epochs, warmup, blr) are resolved per
+dataset and variant by pipeline/recipes.py and recorded in run_info.json, MLflow params and
+metrics.json. See pipeline/finetune.py for the method.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
 
 from pipeline.finetune import VARIANTS, finetune
-from pipeline.io import setup_logging, write_run_info
+from pipeline.io import atomic_write_json, read_json, setup_logging, write_run_info
 from pipeline.params import load_params, parse_run, to_dict
+from pipeline.recipes import effective_lambda, effective_recipe, recipe_summary
 from pipeline.tracking import start_run
 
 log = logging.getLogger("stages.finetune")
@@ -34,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrained", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--lambda", dest="lambda_", type=float, default=None,
-                    help="override params 'lambda' (iat only; Tables 5-6 sweeps)")
+                    help="override the dataset's lambda (iat only; Tables 5-6 sweeps)")
     ap.add_argument("--id-head-depth", type=int, choices=(1, 2, 3), default=None,
                     help="override finetune.id_head_depth (iat only; Table 7 sweep)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="override the top-level seed (finetune.extra_seeds repeats)")
+    ap.add_argument("--no-backbones", action="store_true",
+                    help="save no backbones for the identity probe (extra-seed repeats)")
     args = ap.parse_args(argv)
 
     setup_logging()
@@ -46,13 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--lambda and --id-head-depth only apply to --variant iat")
     if args.lambda_ is not None and args.lambda_ < 0:
         ap.error(f"--lambda must be >= 0, got {args.lambda_}")
-    lam = params.lambda_ if args.lambda_ is None else args.lambda_
-    cfg = params.finetune
+    if args.seed is not None and args.seed < 0:
+        ap.error(f"--seed must be >= 0, got {args.seed}")
+    lam = effective_lambda(params, dataset) if args.lambda_ is None else args.lambda_
+    seed = params.seed if args.seed is None else args.seed
+    per_dataset = params.finetune.lambda_per_dataset
+    if args.variant == "iat" and args.lambda_ is None and dataset in per_dataset:
+        log.info("lambda %g from finetune.lambda_per_dataset.%s (top-level lambda %g unused)",
+                 lam, dataset, params.lambda_)
+    cfg = effective_recipe(params.finetune, dataset, args.variant)
     if args.id_head_depth is not None:
         cfg = dataclasses.replace(cfg, id_head_depth=args.id_head_depth)
+    if args.no_backbones:
+        cfg = dataclasses.replace(cfg, save_backbone_epochs=[])
 
-    run_params = {"run": args.run, "variant": args.variant, "lambda": lam,
-                  "model_size": params.model_size, "seed": params.seed,
+    run_params = {"run": args.run, "variant": args.variant,
+                  "lambda": lam if args.variant == "iat" else 0.0,
+                  "model_size": params.model_size, "seed": seed,
                   "pretrain": {"patch_size": params.pretrain.patch_size},
                   "finetune": to_dict(cfg)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -60,14 +79,31 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.variant}/{args.run}"
     if args.lambda_ is not None or args.id_head_depth is not None:
         name += f"/lambda={lam:g},id_head_depth={cfg.id_head_depth}"
+    if seed != params.seed:
+        name += f"/seed={seed}"
     tags = {"dataset": dataset, "fold": fold, "variant": args.variant,
             "lambda": lam if args.variant == "iat" else 0.0,
-            "id_head_depth": cfg.id_head_depth if args.variant == "iat" else "none"}
+            "id_head_depth": cfg.id_head_depth if args.variant == "iat" else "none",
+            "seed": seed}
     with start_run(f"finetune_{args.variant}", run_params, run_name=name, tags=tags) as tracker:
         finetune(args.au_shards / dataset, args.pretrained, args.out, cfg, dataset=dataset,
                  fold=fold, variant=args.variant, lambda_=lam, model_size=params.model_size,
-                 patch_size=params.pretrain.patch_size, seed=params.seed, tracker=tracker)
+                 patch_size=params.pretrain.patch_size, seed=seed, tracker=tracker)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 writes (torchrun sets RANK)
+            record_protocol(args.out / "metrics.json", cfg, seed=seed, tracker=tracker)
     return 0
+
+
+def record_protocol(metrics_path: Path, cfg, *, seed: int, tracker=None) -> dict:
+    """Add the run's seed, effective recipe (epochs, warmup, blr) and BP4D label handling to
+    its ``metrics.json`` (the lambda is already there), so tables can group repeats by seed
+    and say which recipe each run had."""
+    metrics = read_json(metrics_path)
+    metrics.update(seed=seed, recipe=recipe_summary(cfg), unknown_labels=cfg.unknown_labels)
+    atomic_write_json(metrics_path, metrics)
+    if tracker is not None:
+        tracker.log_artifact(metrics_path)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ predictions with scikit-learn, so the stage's cross-check has real numbers to ag
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -266,3 +267,59 @@ def test_table_writers_escape_and_reject_ragged_rows():
     assert to_csv(t).splitlines()[1:] == ['a|b,1.25', 'c_d & e,']
     with pytest.raises(ValueError, match="3 cells for 2 columns"):
         t.add(["x", 1, 2])
+
+
+def test_seeds_give_mean_and_std_over_seeds_and_notes(tmp_path):
+    """Runs repeated with finetune.extra_seeds: Avg. is the mean over seeds of the fold
+    means, Std (seeds) their sample std; recipes and BP4D label handling are noted."""
+    root = tmp_path / "finetune"
+    written = {}
+    for seed, folder in ((0, root), (1, root / "seed1"), (2, root / "seed2")):
+        for v_i, variant in enumerate(("fmae", "iat")):
+            for run in ("bp4d-1", "bp4d-2"):
+                d = folder / variant / run
+                m = make_run(d, "bp4d", int(run[-1]), variant, list(BP4D_AUS),
+                             seed=100 * seed + 10 * v_i + int(run[-1]))
+                m.update(seed=seed, unknown_labels="negative",
+                         recipe={"epochs": 20 if variant == "fmae" else 30,
+                                 "warmup_epochs": 2 if variant == "fmae" else 3,
+                                 "blr": 2e-4 if variant == "fmae" else 5e-4})
+                (d / "metrics.json").write_text(json.dumps(m))
+                written[(seed, variant, run)] = m
+    params = build(Params, {"download": {"au_datasets": ["bp4d"]},
+                            "finetune": {"runs": ["bp4d-1", "bp4d-2"], "extra_seeds": [1, 2],
+                                         "unknown_labels": "negative"}})
+    out = tmp_path / "tables"
+    metrics = build_tables(root, tmp_path / "no_probe", out, params, Tracker(active=False))
+    for variant in ("fmae", "iat"):
+        for key in ("final", "paper_protocol"):
+            per_seed = [np.mean([written[(s, variant, r)][key]["f1_mean"]
+                                 for r in ("bp4d-1", "bp4d-2")]) for s in (0, 1, 2)]
+            got = metrics["f1"]["bp4d"][variant]
+            assert got[key] == pytest.approx(np.mean(per_seed), abs=1e-3)
+            assert got[f"{key}_std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-3)
+    assert metrics["f1"]["bp4d"]["seeds"] == 3 and metrics["f1"]["bp4d"]["folds"] == 2
+    md = (out / "table1_bp4d.md").read_text()
+    row = next(r for r in _md_rows(md) if r[0] == "FMAE (ours)" and r[1] == PROTO_FINAL)
+    assert row[-4:] == [f"{metrics['f1']['bp4d']['fmae']['final']:.1f}",
+                        f"{metrics['f1']['bp4d']['fmae']['final_std']:.1f}", "2", "3"]
+    assert "Seeds 0, 1, 2" in md
+    assert "FMAE recipe: 20 epochs (2 warmup), blr 0.0002" in md
+    assert "FMAE-IAT recipe: 30 epochs (3 warmup), blr 0.0005" in md
+    assert "counted as absent (finetune.unknown_labels: negative" in md
+    summary = _md_rows((out / "summary.md").read_text())
+    assert summary[0][3] == f"{metrics['f1']['bp4d']['fmae']['final_std']:.1f}"
+    # a missing seed run names the stage that writes it
+    shutil.rmtree(root / "seed2" / "iat" / "bp4d-1")
+    with pytest.raises(FileNotFoundError, match=r"seed2/iat/bp4d-1.*dvc repro "
+                                                r"finetune_iat_seeds"):
+        build_tables(root, tmp_path / "no_probe", tmp_path / "t2", params, Tracker(active=False))
+
+
+def test_single_seed_shows_no_std(built):
+    md = (built["out"] / "table1_bp4d.md").read_text()
+    row = next(r for r in _md_rows(md) if r[0] == "FMAE (ours)" and r[1] == PROTO_FINAL)
+    assert row[-3:] == ["–", "2", "1"]  # Std (seeds), Folds, Seeds
+    assert not re.search(r"Seeds \d", md) and "_std" not in json.dumps(built["metrics"])
+    # runs without "unknown_labels" in metrics.json: the params' handling is noted
+    assert "Not-coded AU labels (BP4D's 9): masked out of loss and metrics" in md
