@@ -3,8 +3,8 @@
 Three datasets, each placed in ``data/download/<folder>/`` (protocols.md, "RAF-DB" and
 "AffectNet-8"; method.md section 5):
 
-- ``rafdb``: RAF-DB's basic-emotion release as distributed: ``basic/EmoLabel/
-  list_patition_label.txt`` (lines ``train_00001.jpg 5``; labels 1-7 = surprise, fear,
+- ``rafdb``: RAF-DB's basic-emotion release as distributed (its ``basic/`` folder, or that
+  folder's content): ``basic/EmoLabel/list_patition_label.txt`` (lines ``train_00001.jpg 5``; labels 1-7 = surprise, fear,
   disgust, happiness, sadness, anger, neutral) and the aligned crops ``basic/Image/aligned/
   train_00001_aligned.jpg``. The split is the name's prefix (``train_`` / ``test_``: 12,271 /
   3,068). With ``fer_shards.face_crop.rafdb: detect`` the uncropped ``basic/Image/original/
@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import logging
+import random
 import re
 import tarfile
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ AFFECTNET_ALIASES: dict[str, int] = {
     "angry": 6, "contempt": 7,
 }
 SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "val", "valid", "validation")}
-RAFDB_LABELS = "basic/EmoLabel/list_patition_label.txt"  # sic: the release's spelling
+RAFDB_LABELS = "EmoLabel/list_patition_label.txt"  # in basic/; sic: the release's spelling
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train", "test")
 META = "meta.json"
@@ -94,14 +95,13 @@ class FerLayoutError(ValueError):
 
 
 # --------------------------------------------------------------------------- RAF-DB
-def _rafdb_base(root: Path) -> Path:
-    """``root`` or ``root/basic``'s parent: where ``basic/EmoLabel`` lies."""
-    if (root / RAFDB_LABELS).is_file():
-        return root
-    if (root / "EmoLabel" / "list_patition_label.txt").is_file():  # root is basic/ itself
-        return root.parent
-    raise FerLayoutError(f"label list {root / RAFDB_LABELS} is missing (RAF-DB's basic "
-                         "release: basic/EmoLabel/list_patition_label.txt)")
+def _rafdb_basic(root: Path) -> Path:
+    """The release's ``basic/`` folder: ``root/basic`` or ``root`` itself."""
+    for basic in (root / "basic", root):
+        if (basic / RAFDB_LABELS).is_file():
+            return basic
+    raise FerLayoutError(f"label list {root / 'basic' / RAFDB_LABELS} is missing (RAF-DB's "
+                         "basic release: basic/EmoLabel/list_patition_label.txt)")
 
 
 def read_rafdb(root: str | Path, *, original: bool = False) -> list[FerRecord]:
@@ -116,9 +116,9 @@ def read_rafdb(root: str | Path, *, original: bool = False) -> list[FerRecord]:
         FerLayoutError: the list is missing or malformed (naming the line), or names an image
             that is not there (naming it and where it should be).
     """
-    base = _rafdb_base(Path(root))
-    labels = base / RAFDB_LABELS
-    images = base / "basic" / "Image" / ("original" if original else "aligned")
+    basic = _rafdb_basic(Path(root))
+    labels = basic / RAFDB_LABELS
+    images = basic / "Image" / ("original" if original else "aligned")
     out: list[FerRecord] = []
     for n, line in enumerate(labels.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
@@ -135,7 +135,7 @@ def read_rafdb(root: str | Path, *, original: bool = False) -> list[FerRecord]:
             raise FerLayoutError(
                 f"{labels} line {n} names {parts[0]}, but {path} is missing; place the "
                 f"release's basic/Image/{'original' if original else 'aligned'}/ folder "
-                f"complete in {base / 'basic' / 'Image'}/")
+                f"complete in {basic / 'Image'}/")
         out.append(FerRecord(stem, path, int(parts[1]) - 1, m[1]))
     if not out:
         raise FerLayoutError(f"{labels} lists no images")
@@ -372,7 +372,10 @@ def build_fer_shards(dataset: str, root: Path, out_dir: Path, cfg: FerShardsPara
                 shards.append(name)
                 batch.clear()
 
-        for r in (r for r in recs if r.split == split):
+        todo = [r for r in recs if r.split == split]
+        if split == "train":  # mixed classes in every shard (AffectNet's files are by class)
+            random.Random(0).shuffle(todo)
+        for r in todo:
             im = _load(r.path)
             if im is None:
                 skipped["unreadable"].append(str(r.path))

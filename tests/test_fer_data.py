@@ -72,6 +72,8 @@ def test_rafdb_reader_labels_split_and_aligned_paths(tmp_path):
     assert RAFDB_CLASSES[recs[0].label] == "sadness"  # RAF-DB label 5
     assert RAFDB_CLASSES[recs[1].label] == "surprise"  # label 1
     assert RAFDB_CLASSES[recs[3].label] == "happiness"  # label 4
+    # the basic/ folder's content placed directly works too
+    assert read_rafdb(tmp_path / "basic") == recs
 
 
 def test_rafdb_label_list_naming_a_missing_image_fails_with_its_name(tmp_path):
