@@ -72,7 +72,7 @@ class SyntheticFerParams:
     """The built-in synthetic expression set (pipeline/synthetic.py generate_fer)."""
     subjects: int = F(16, 2, 1000, doc="synthetic identities (never the AU subjects)")
     test_subjects: int = F(4, 1, 999, doc="identities held out as the test split")
-    frames_per_expression: int = F(4, 1, 1000, doc="frames per subject and expression")
+    frames_per_expression: int = F(6, 1, 1000, doc="frames per subject and expression")
     frame_size: int = F(64, 32, 1024, doc="side of the square face crops in pixels")
     seed: int = F(0, 0)
 
@@ -264,10 +264,10 @@ class FinetuneParams:
 class FerRecipe:
     """One FER dataset's schedule (paper: RAF-DB 60/6 epochs, batch 32, blr 1e-3;
     AffectNet-8 30/3, batch 64, blr 5e-4)."""
-    epochs: int = F(6, 1, 10000)
+    epochs: int = F(8, 1, 10000)
     warmup_epochs: int = F(1, 0, 10000)
     batch_size: int = F(32, 1, 65536)
-    blr: float = F(5e-3, 0.0, 1.0, lo_open=True, doc="lr = blr * batch / 256")
+    blr: float = F(8e-3, 0.0, 1.0, lo_open=True, doc="lr = blr * batch / 256")
 
     def __post_init__(self):
         if self.warmup_epochs > self.epochs:
