@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                              if k != "per_class"))
             tracker.log_metrics({f"{ds}.{k}": v for k, v in stats[ds].items()
                                  if k != "per_class"})
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_run_info(args.out, logged)
+    # beside the stats, not in the shard folder: a git commit there would re-run finetune_fer
+    write_run_info(args.stats.parent if args.stats else args.out, logged)
     if args.stats:
         atomic_write_json(args.stats, stats)
     return 0
