@@ -4,11 +4,11 @@ Three datasets, each placed in ``data/download/<folder>/`` (protocols.md, "RAF-D
 "AffectNet-8"; method.md section 5):
 
 - ``rafdb``: RAF-DB's basic-emotion release as distributed (its ``basic/`` folder, or that
-  folder's content): ``basic/EmoLabel/list_patition_label.txt`` (lines ``train_00001.jpg 5``; labels 1-7 = surprise, fear,
-  disgust, happiness, sadness, anger, neutral) and the aligned crops ``basic/Image/aligned/
-  train_00001_aligned.jpg``. The split is the name's prefix (``train_`` / ``test_``: 12,271 /
-  3,068). With ``fer_shards.face_crop.rafdb: detect`` the uncropped ``basic/Image/original/
-  train_00001.jpg`` go through the face front-end instead.
+  folder's content): ``basic/EmoLabel/list_patition_label.txt`` (lines ``train_00001.jpg 5``;
+  labels 1-7 = surprise, fear, disgust, happiness, sadness, anger, neutral) and the aligned
+  crops ``basic/Image/aligned/train_00001_aligned.jpg``. The split is the name's prefix
+  (``train_`` / ``test_``: 12,271 / 3,068). With ``fer_shards.face_crop.rafdb: detect`` the
+  uncropped ``basic/Image/original/train_00001.jpg`` go through the face front-end instead.
 - ``affectnet``: AffectNet-8 in the folder-per-class layout of the public subset the authors
   trained on (37,553 train / 4,000 test images, already face crops): a split folder
   (``train``/``Train``/``training``; ``test``/``Test``/``val``/``valid``/``validation``) with
