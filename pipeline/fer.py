@@ -233,7 +233,7 @@ def finetune_fer(fer_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneFe
     """Finetune the pretrained encoder on ``dataset``'s train split; evaluate every epoch.
 
     Args:
-        fer_dir: ``data/fer_shards/<dataset>``.
+        fer_dir: ``data/fer_shards/data/<dataset>``.
         pretrained: ``data/pretrain/model/checkpoint.pt`` (any format
             :func:`pipeline.models.mae.load_checkpoint` reads).
         out_dir: ``data/finetune_fer/<dataset>``.

@@ -20,8 +20,8 @@ Three datasets, each placed in ``data/download/<folder>/`` (protocols.md, "RAF-D
 - ``synthetic``: the built-in set (:func:`pipeline.synthetic.generate_fer`) in
   ``data/download/synthetic_fer/``: ``labels.csv`` + ``images/``; split by subject.
 
-Shards (the ``fer_shards`` stage) in ``data/fer_shards/<dataset>/``: ``<split>-NNNNN.tar``
-with ``<key>.jpg`` (a plain resize to ``image_size``) and ``<key>.json`` (``label``,
+Shards (the ``fer_shards`` stage) in ``data/fer_shards/data/<dataset>/``:
+``<split>-NNNNN.tar`` with ``<key>.jpg`` (a plain resize to ``image_size``) and ``<key>.json`` (``label``,
 ``expression``, ``split``, ``subject``), and ``meta.json`` (classes, per split the shard
 files, sample count and per-class counts; images skipped and why). Unreadable images and
 images without a detected face are skipped and counted, never silently lost.
@@ -338,7 +338,7 @@ def detector_cropper(cfg: FerShardsParams) -> Cropper:
 
 def build_fer_shards(dataset: str, root: Path, out_dir: Path, cfg: FerShardsParams, *,
                      cropper: Cropper | None = None) -> dict:
-    """Write ``out_dir`` (= ``data/fer_shards/<dataset>``): shards per split and meta.json.
+    """Write ``out_dir`` (``data/fer_shards/data/<dataset>``): shards per split, meta.json.
 
     Args:
         dataset, root: the dataset and its download folder.
@@ -413,7 +413,7 @@ def build_fer_shards(dataset: str, root: Path, out_dir: Path, cfg: FerShardsPara
 
 
 def read_fer_meta(fer_dir: str | Path, dataset: str) -> dict:
-    """``meta.json`` of ``data/fer_shards/<dataset>``, checked to describe ``dataset``."""
+    """``meta.json`` of ``data/fer_shards/data/<dataset>``, checked to be ``dataset``'s."""
     path = Path(fer_dir) / META
     meta = read_json(path)
     if meta.get("dataset") != dataset or "splits" not in meta or "classes" not in meta:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--download", type=Path, default=Path("data/download"))
-    ap.add_argument("--out", type=Path, default=Path("data/fer_shards"))
+    ap.add_argument("--out", type=Path, default=Path("data/fer_shards/data"))
     ap.add_argument("--stats", type=Path, default=None)
     args = ap.parse_args(argv)
     setup_logging()

@@ -1,7 +1,7 @@
 """Stage finetune_fer: finetune the pretrained encoder on one expression dataset (Table 4).
 
     python -m stages.finetune_fer --params params.yaml --dataset rafdb \
-        --fer-shards data/fer_shards --pretrained data/pretrain/model/checkpoint.pt \
+        --fer-shards data/fer_shards/data --pretrained data/pretrain/model/checkpoint.pt \
         --out data/finetune_fer/rafdb
 
 See pipeline/fer.py for the method; the schedule is ``finetune_fer.<dataset>``.
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", type=Path)
     ap.add_argument("--dataset", required=True, choices=FER_DATASETS)
     ap.add_argument("--fer-shards", required=True, type=Path,
-                    help="folder holding <dataset>/ FER shards (data/fer_shards)")
+                    help="folder holding <dataset>/ FER shards (data/fer_shards/data)")
     ap.add_argument("--pretrained", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
