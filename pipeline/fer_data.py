@@ -21,9 +21,10 @@ Three datasets, each placed in ``data/download/<folder>/`` (protocols.md, "RAF-D
   ``data/download/synthetic_fer/``: ``labels.csv`` + ``images/``; split by subject.
 
 Shards (the ``fer_shards`` stage) in ``data/fer_shards/data/<dataset>/``:
-``<split>-NNNNN.tar`` with ``<key>.jpg`` (a plain resize to ``image_size``) and ``<key>.json`` (``label``,
-``expression``, ``split``, ``subject``), and ``meta.json`` (classes, per split the shard
-files, sample count and per-class counts; images skipped and why). Unreadable images and
+``<split>-NNNNN.tar`` with ``<key>.jpg`` (a plain resize to ``image_size``) and
+``<key>.json`` (``label``, ``expression``, ``split``, ``subject``), and ``meta.json``
+(classes, per split the shard files, sample count and per-class counts; images skipped and
+why). Unreadable images and
 images without a detected face are skipped and counted, never silently lost.
 """
 from __future__ import annotations
