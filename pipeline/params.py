@@ -289,7 +289,8 @@ class FinetuneFerParams:
     drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
     num_workers: int = F(0, 0, 256)
-    augment: AugmentParams = field(default_factory=AugmentParams)
+    # no crop or erasing by default: they cut brows and mouth off the 64 px CPU-default faces
+    augment: AugmentParams = field(default_factory=lambda: AugmentParams(1.0, 0.5, "", 0.0))
     synthetic: FerRecipe = field(default_factory=FerRecipe)
     rafdb: FerRecipe = field(default_factory=lambda: FerRecipe(60, 6, 32, 1e-3))
     affectnet: FerRecipe = field(default_factory=lambda: FerRecipe(30, 3, 64, 5e-4))
