@@ -227,6 +227,33 @@ def _best(epochs: list[dict]) -> dict:
     return max(epochs, key=lambda r: (r["test"]["top1"] or 0.0, -r["epoch"]))
 
 
+def build_model(pretrained: Path, cfg: FinetuneFerParams, model_size: str, patch_size: int,
+                n_classes: int) -> FERModel:
+    """The FER model on the pretrained encoder (checkpoint checked against the settings)."""
+    state = _load_checkpoint(pretrained, model_size, patch_size, cfg.image_size)
+    encoder = build_vit(model_size, cfg.image_size, patch_size, cfg.drop_path, global_pool="avg")
+    encoder.pos_embed.requires_grad_(True)  # trainable in finetuning, as the reference
+    model = FERModel(encoder, n_classes)
+    try:
+        load_pretrained_encoder(model, state)
+    except ValueError as e:
+        raise ValueError(f"{pretrained}: {e}") from e
+    return model
+
+
+def write_outputs(out_dir: Path, result: dict, final_pred: dict) -> None:
+    """predictions.parquet, confusion_matrix.csv/.png and metrics.json of the final epoch."""
+    import pyarrow.parquet as pq
+    final, classes = result["final"], result["classes"]
+    with atomic_path(out_dir / "predictions.parquet") as tmp:
+        pq.write_table(predictions_table(final_pred, classes, final["epoch"]), tmp)
+    write_confusion_csv(out_dir / "confusion_matrix.csv", final["confusion_matrix"], classes)
+    plot_confusion(out_dir / "confusion_matrix.png", final["confusion_matrix"], classes,
+                   f"{result['dataset']} test, epoch {final['epoch']}: top-1 "
+                   f"{final['top1']:.1f}%")
+    atomic_write_json(out_dir / "metrics.json", result)
+
+
 def finetune_fer(fer_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneFerParams, *,
                  dataset: str, model_size: str, patch_size: int, seed: int,
                  tracker=None) -> dict:
@@ -269,15 +296,7 @@ def finetune_fer(fer_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneFe
     test_loader = _loader(FerShardStream(urls["test"], len(classes), t_eval),
                           recipe.batch_size, cfg.num_workers, pin, drop_last=False)
 
-    state = _load_checkpoint(pretrained, model_size, patch_size, cfg.image_size)
-    encoder = build_vit(model_size, cfg.image_size, patch_size, cfg.drop_path, global_pool="avg")
-    encoder.pos_embed.requires_grad_(True)  # trainable in finetuning, as the reference
-    model = FERModel(encoder, len(classes))
-    try:
-        load_pretrained_encoder(model, state)
-    except ValueError as e:
-        raise ValueError(f"{pretrained}: {e}") from e
-    model.to(device)
+    model = build_model(pretrained, cfg, model_size, patch_size, len(classes)).to(device)
     base_lr = recipe.blr * recipe.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay),
                                   lr=base_lr)
@@ -322,15 +341,7 @@ def finetune_fer(fer_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneFe
               "chance_top1": round(100.0 / len(classes), 4),
               "majority_top1": round(100.0 * counts.max() / counts.sum(), 4)}
     if rank0:
-        import pyarrow.parquet as pq
-        with atomic_path(out_dir / "predictions.parquet") as tmp:
-            pq.write_table(predictions_table(final_pred, classes, final["epoch"]), tmp)
-        write_confusion_csv(out_dir / "confusion_matrix.csv",
-                            final["test"]["confusion_matrix"], classes)
-        plot_confusion(out_dir / "confusion_matrix.png", final["test"]["confusion_matrix"],
-                       classes, f"{dataset} test, epoch {final['epoch']}: top-1 "
-                                f"{final['test']['top1']:.1f}%")
-        atomic_write_json(out_dir / "metrics.json", result)
+        write_outputs(out_dir, result, final_pred)
     if tracker is not None:
         tracker.log_metrics({"final/top1": final["test"]["top1"],
                              "final/macro_f1": final["test"]["macro_f1"],
