@@ -74,9 +74,10 @@ def fer_table(runs: dict[str, dict], show_published: bool) -> Table:
                    None, None, round(100 / (7 if ds == "rafdb" else 8), 2)])
     t.notes = [
         "Top-1 (final epoch) is the last epoch's test accuracy; top-1 (best epoch) is the "
-        "highest test accuracy over epochs, how the authors' MAE finetuning code reports "
-        "(max accuracy), so the published numbers sit in that column. Macro F1 and mean "
-        "class accuracy average the classes equally (final epoch). Chance = 1 / classes.",
+        "highest test accuracy over epochs, what the authors' MAE finetuning code prints as "
+        "'max accuracy'; the paper does not say which it reports, so its numbers are shown in "
+        "that column. Macro F1 and mean class accuracy average the classes equally (final "
+        "epoch). Chance = 1 / classes.",
     ]
     if not runs:
         t.notes.append("No FER run: finetune_fer.datasets is empty.")
