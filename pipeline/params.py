@@ -32,6 +32,8 @@ AU_DATASET_PARTS = {"bp4d": 3, "bp4d_plus": 4, "disfa": 3}
 FINETUNE_VARIANTS = ("fmae", "iat")
 # finetune keys a per-dataset, per-variant recipe (finetune.recipes) may override
 RECIPE_KEYS = ("epochs", "warmup_epochs", "blr")
+# Facial expression recognition datasets (paper Table 4; pipeline/fer_data.py reads them).
+FER_DATASETS = ("synthetic", "rafdb", "affectnet")
 
 
 class ParamsError(ValueError):
@@ -69,6 +71,22 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class SyntheticFerParams:
+    """The built-in synthetic expression set (pipeline/synthetic.py generate_fer)."""
+    subjects: int = F(16, 2, 1000, doc="synthetic identities (never the AU subjects)")
+    test_subjects: int = F(4, 1, 999, doc="identities held out as the test split")
+    frames_per_expression: int = F(6, 1, 1000, doc="frames per subject and expression")
+    frame_size: int = F(64, 32, 1024, doc="side of the square face crops in pixels")
+    seed: int = F(0, 0)
+
+    def __post_init__(self):
+        if self.test_subjects >= self.subjects:
+            raise ParamsError(f"download.synthetic_fer.test_subjects ({self.test_subjects}) "
+                              f"must be below download.synthetic_fer.subjects "
+                              f"({self.subjects}): training needs subjects too")
+
+
+@dataclass(frozen=True)
 class DownloadParams:
     sources: list = F(["synthetic"], choices=PRETRAIN_SOURCES,
                       doc="pretraining sources, see pipeline/sources.py")
@@ -76,10 +94,14 @@ class DownloadParams:
     retries: int = F(5, 0, 100)
     timeout_s: float = F(60.0, 1, 3600)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    fer_datasets: list = F(["synthetic"], choices=FER_DATASETS,
+                           doc="expression datasets (Table 4); [] = none")
+    synthetic_fer: SyntheticFerParams = field(default_factory=SyntheticFerParams)
 
     def __post_init__(self):
         _unique("download.sources", self.sources, nonempty=True)
         _unique("download.au_datasets", self.au_datasets, nonempty=True)
+        _unique("download.fer_datasets", self.fer_datasets)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,30 @@ class AuShardsParams:
                                   "(MTCNN: 0.7 as facenet-pytorch)")
     face_min_size: int = F(40, 8, 4096, doc="smallest face side in detection-image pixels")
     face_max_side: int = F(640, 64, 16384, doc="longer side frames are downscaled to for "
+                                                "detection only")
+
+
+@dataclass(frozen=True)
+class FerFaceCropParams:
+    """Per FER dataset: ``none`` = the images are aligned face crops already (RAF-DB's
+    ``aligned`` release, AffectNet's public subset, the synthetic set: how the authors used
+    them), ``detect`` = the shared face front-end (pipeline/faces.py) crops the largest face."""
+    synthetic: str = F("none", choices=("none", "detect"))
+    rafdb: str = F("none", choices=("none", "detect"))
+    affectnet: str = F("none", choices=("none", "detect"))
+
+
+@dataclass(frozen=True)
+class FerShardsParams:
+    image_size: int = F(64, 16, 4096, doc="plain resize of every image (paper: 224)")
+    jpeg_quality: int = F(95, 1, 100)
+    samples_per_shard: int = F(5000, 1, 10_000_000)
+    face_crop: FerFaceCropParams = field(default_factory=FerFaceCropParams)
+    face_detector: str = F("mtcnn", choices=("mtcnn",))
+    face_threshold: float = F(0.7, 0.0, 1.0, hi_open=True,
+                              doc="MTCNN last-stage score a face needs")
+    face_min_size: int = F(20, 8, 4096, doc="smallest face side in detection-image pixels")
+    face_max_side: int = F(640, 64, 16384, doc="longer side images are downscaled to for "
                                                 "detection only")
 
 
@@ -243,6 +289,51 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True)
+class FerRecipe:
+    """One FER dataset's schedule (paper: RAF-DB 60/6 epochs, batch 32, blr 1e-3;
+    AffectNet-8 30/3, batch 64, blr 5e-4)."""
+    epochs: int = F(8, 1, 10000)
+    warmup_epochs: int = F(1, 0, 10000)
+    batch_size: int = F(32, 1, 65536)
+    blr: float = F(8e-3, 0.0, 1.0, lo_open=True, doc="lr = blr * batch / 256")
+
+    def __post_init__(self):
+        if self.warmup_epochs > self.epochs:
+            raise ParamsError("finetune_fer.<dataset>.warmup_epochs must not exceed its "
+                              f"epochs ({self.warmup_epochs} > {self.epochs})")
+
+
+@dataclass(frozen=True)
+class FinetuneFerParams:
+    """Expression finetuning (pipeline/fer.py): linear head, cross-entropy, no IAT; the
+    optimiser, schedule and transforms of the AU finetuning. Shared settings here, the
+    schedule per dataset (``synthetic``, ``rafdb``, ``affectnet``)."""
+    datasets: list = F(["synthetic"], choices=FER_DATASETS,
+                       doc="one finetune_fer run per dataset (dvc matrix)")
+    image_size: int = F(64, 16, 1024)
+    min_lr: float = F(1e-6, 0.0, 1.0)
+    weight_decay: float = F(0.05, 0.0, 1.0)
+    layer_decay: float = F(0.75, 0.0, 1.0, lo_open=True)
+    drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
+    amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
+    num_workers: int = F(0, 0, 256)
+    # no crop or erasing by default: they cut brows and mouth off the 64 px CPU-default faces
+    augment: AugmentParams = field(default_factory=lambda: AugmentParams(1.0, 0.5, "", 0.0))
+    synthetic: FerRecipe = field(default_factory=FerRecipe)
+    rafdb: FerRecipe = field(default_factory=lambda: FerRecipe(60, 6, 32, 1e-3))
+    affectnet: FerRecipe = field(default_factory=lambda: FerRecipe(30, 3, 64, 5e-4))
+
+    def __post_init__(self):
+        _unique("finetune_fer.datasets", self.datasets)
+
+    def recipe(self, dataset: str) -> FerRecipe:
+        if dataset not in FER_DATASETS:
+            raise ParamsError(f"finetune_fer: unknown dataset {dataset!r}; known: "
+                              f"{', '.join(FER_DATASETS)}")
+        return getattr(self, dataset)
+
+
+@dataclass(frozen=True)
 class ProbeParams:
     """Identity probes (pipeline/probe.py). The authors' recipe trains with the finetuning
     optimiser, augmentation and drop path (``finetune.*``) for ``epochs``."""
@@ -281,8 +372,15 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     probe: ProbeParams = field(default_factory=ProbeParams)
     tables: TablesParams = field(default_factory=TablesParams)
+    fer_shards: FerShardsParams = field(default_factory=FerShardsParams)
+    finetune_fer: FinetuneFerParams = field(default_factory=FinetuneFerParams)
 
     def __post_init__(self):
+        missing = [d for d in self.finetune_fer.datasets if d not in self.download.fer_datasets]
+        if missing:
+            raise ParamsError(f"finetune_fer.datasets: {missing[0]!r} is not in "
+                              f"download.fer_datasets {list(self.download.fer_datasets)}; "
+                              "add it there")
         au = set(self.download.au_datasets)
         for r in list(self.finetune.runs) + list(self.finetune.sweep_runs):
             ds, fold = parse_run(r)

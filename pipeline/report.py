@@ -215,17 +215,41 @@ class Section:
         self.blocks.append(f'<p class="warn">{html.escape(text)}</p>')
 
 
+# Where append_sections inserts: the end of the table of contents and of the sections.
+_TOC_END, _SECTIONS_END = "<!--toc-end-->", "<!--sections-end-->"
+
+
+def _toc_items(sections: list[Section], start: int = 0) -> str:
+    return "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>'
+                   for i, s in enumerate(sections, start))
+
+
+def _section_parts(sections: list[Section], start: int = 0) -> str:
+    return "".join(f'<section id="s{i}"><h2>{html.escape(s.title)}</h2>{"".join(s.blocks)}'
+                   "</section>" for i, s in enumerate(sections, start))
+
+
 def render_report(title: str, intro: list[str], sections: list[Section]) -> str:
     """The whole report as one HTML string (inline CSS, inline images)."""
-    toc = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>'
-                  for i, s in enumerate(sections))
-    parts = [f'<section id="s{i}"><h2>{html.escape(s.title)}</h2>{"".join(s.blocks)}</section>'
-             for i, s in enumerate(sections)]
     intro_html = "".join(f"<p>{html.escape(p)}</p>" for p in intro)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1>{intro_html}<ul>{toc}</ul>{''.join(parts)}"
-            f"</body></html>\n")
+            f"<h1>{html.escape(title)}</h1>{intro_html}<ul>{_toc_items(sections)}{_TOC_END}"
+            f"</ul>{_section_parts(sections)}{_SECTIONS_END}</body></html>\n")
+
+
+def append_sections(path: str | Path, sections: list[Section]) -> Path:
+    """Add ``sections`` (with table-of-contents entries) to the end of a written report."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.count(_TOC_END) != 1 or text.count(_SECTIONS_END) != 1:
+        raise ValueError(f"{path}: not a report written by pipeline.report.render_report; "
+                         "re-run the tables stage")
+    start = text.count('<section id="s')
+    text = text.replace(_TOC_END, _toc_items(sections, start) + _TOC_END)
+    text = text.replace(_SECTIONS_END, _section_parts(sections, start) + _SECTIONS_END)
+    atomic_write_text(path, text)
+    return path
 
 
 def write_report(path: str | Path, title: str, intro: list[str],

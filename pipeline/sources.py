@@ -81,7 +81,7 @@ from pipeline.download import (ChecksumError, DownloadError, HandleCache, TooLar
                                archive_kind, check_file, fetch, iter_archive_members,
                                read_member)
 from pipeline.io import atomic_write_json
-from pipeline.params import AU_DATASETS, PRETRAIN_SOURCES
+from pipeline.params import AU_DATASETS, FER_DATASETS, PRETRAIN_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class Source:
     """How one source is obtained, enumerated and checked.
 
     ``method``: ``synthetic`` | ``download`` | ``img2dataset`` | ``manual``.
-    ``role``: ``pretrain`` (Face9M), ``au`` (AU benchmark) or ``both`` (synthetic).
+    ``role``: ``pretrain`` (Face9M), ``au`` (AU benchmark), ``fer`` (expression benchmark,
+    pipeline/fer_data.py) or ``both`` (synthetic).
     ``identity``: how pretraining images get an identity: ``folder`` (the image's parent
     folder), ``celeba`` (``identity_CelebA.txt``), ``csv`` (synthetic ``pool/identities.csv``),
     ``tree`` (the first-level sub-folder, or ``identities.csv`` when present: the ``folder``
@@ -295,9 +296,36 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         licence="yours to check: use only images you have the right to process for training "
                 "(consent, the dataset's terms, privacy law on biometric data)",
         size="whatever you place"),
+    # Expression datasets (paper Table 4; read and verified by pipeline/fer_data.py).
+    Source(
+        name="rafdb", title="RAF-DB (basic emotions)", method="manual", role="fer",
+        identity="none",
+        place="the basic-emotion release's basic/ folder: basic/EmoLabel/"
+              "list_patition_label.txt (lines like 'train_00001.jpg 5', labels 1-7) and the "
+              "aligned crops basic/Image/aligned/<name>_aligned.jpg (e.g. basic/Image/aligned/"
+              "train_00001_aligned.jpg); for fer_shards.face_crop.rafdb: detect also "
+              "basic/Image/original/<name> (e.g. basic/Image/original/train_00001.jpg)",
+        get="request it from the RAF-DB authors (Shan Li, Weihong Deng; BUPT) with their "
+            "agreement form: http://www.whdeng.cn/RAF/model1.html",
+        licence="non-commercial research use under the RAF-DB agreement; not redistributable",
+        size="15,339 images: 12,271 train / 3,068 test"),
+    Source(
+        name="affectnet", title="AffectNet-8 (public subset)", method="manual", role="fer",
+        identity="none",
+        place="a train folder and a test folder (train/ or Train/; test/, val/ or validation/), "
+              "each with one folder per class named 0-7 or neutral, happy, sad, surprise, "
+              "fear, disgust, anger, contempt (e.g. {root}/train/happy/0001.jpg or "
+              "{root}/train/1/0001.jpg); the images are face crops",
+        get="AffectNet from its authors (Mohammad Mahoor's lab, http://mohammadmahoor.com/"
+            "affectnet/) by licence agreement; the paper used a public folder-per-class "
+            "subset of it (37,553 train / 4,000 test images)",
+        licence="AffectNet licence agreement: non-commercial research use, not "
+                "redistributable",
+        size="subset used: 37,553 train / 4,000 test images"),
 )}
 
-assert set(SOURCES) == set(PRETRAIN_SOURCES) | set(AU_DATASETS), "registry out of sync"
+assert set(SOURCES) == set(PRETRAIN_SOURCES) | set(AU_DATASETS) | (
+    set(FER_DATASETS) - {"synthetic"}), "registry out of sync"
 
 
 def get_source(name: str) -> Source:
@@ -1021,6 +1049,9 @@ def verify_source(source: str, root: str | Path) -> dict:
         if not root.is_dir():
             raise ManualStepRequired(spec.name, root, f"{root} does not exist")
         return _verify_disfa(spec, root)
+    if spec.role == "fer":
+        from pipeline.fer_data import verify_fer
+        return verify_fer(spec.name, root)
     return _verify_pretrain(spec, root)
 
 
@@ -1246,7 +1277,7 @@ def prepare_source(name: str, root: str | Path, *, retries: int = 5, timeout: fl
         _run_img2dataset(spec, root, retries=retries, timeout=timeout)
     info = verify_source(name, root)
     counts = dict(info["counts"])
-    if spec.role != "au":
+    if spec.role not in ("au", "fer"):
         counts.update(count_items(name, root))
     if spec.identity == "tree":
         _folder_notes(root, counts)

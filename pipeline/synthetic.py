@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from pipeline.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json
-from pipeline.params import SyntheticParams
+from pipeline.params import SyntheticFerParams, SyntheticParams
 
 log = logging.getLogger(__name__)
 
@@ -1396,4 +1396,109 @@ def generate(out_dir: Path, cfg: SyntheticParams, *, progress: bool = True) -> d
     atomic_write_json(out_dir / "manifest.json", manifest)
     log.info("synthetic data written to %s in %.1f s (%d AU frames, %d pool files)", out_dir,
              time.perf_counter() - t0, manifest["counts"]["au_frames"], len(pool))
+    return manifest
+
+
+# --------------------------------------------------------------------------- expressions (FER)
+# The seven basic expressions in RAF-DB's label order (labels 1-7 there, indices 0-6 here),
+# each drawn as its EMFACS prototype (Friesen & Ekman 1983) restricted to the AUs the renderer
+# draws. Prototype AUs it cannot draw, left out: surprise AU5; fear AU5, AU20; anger AU5;
+# disgust AU16 (AU9 + AU10 + AU15 + AU17 stand for the disgust variants 9/10 + 15/16/17).
+FER_EXPRESSIONS: tuple[str, ...] = ("surprise", "fear", "disgust", "happiness", "sadness",
+                                    "anger", "neutral")
+FER_PROTOTYPES: dict[str, frozenset[int]] = {
+    "surprise": frozenset({1, 2, 26}),
+    "fear": frozenset({1, 2, 4, 7, 26}),
+    "disgust": frozenset({9, 10, 15, 17}),
+    "happiness": frozenset({6, 12}),
+    "sadness": frozenset({1, 4, 15}),
+    "anger": frozenset({4, 7, 23}),
+    "neutral": frozenset(),
+}
+FER_DROPPED_AUS: dict[str, tuple[int, ...]] = {"surprise": (5,), "fear": (5, 20),
+                                               "anger": (5,), "disgust": (16,)}
+# AUs of no prototype, switched on at random as expression-neutral distractors.
+FER_DISTRACTOR_AUS: tuple[int, ...] = (14, 24, 25)
+FER_DISTRACTOR_P = 0.15
+FER_LABELS = "labels.csv"  # key,image,subject,split,label,expression,aus
+_S_FER_SUBJECT, _S_FER_FRAME = 20, 21
+FER_GENERATOR_VERSION = 1
+
+
+def expression_of(aus: Mapping[int, float]) -> str:
+    """The basic expression an AU combination shows: the prototype whose AU set equals the
+    active (> 0) prototype AUs; distractor AUs are ignored. Raises ValueError otherwise."""
+    active = frozenset(a for a, v in aus.items() if v > 0)
+    proto_aus = frozenset().union(*FER_PROTOTYPES.values())
+    found = [e for e, p in FER_PROTOTYPES.items() if p == active & proto_aus]
+    if not found:
+        raise ValueError(f"AUs {sorted(active)} match no expression prototype")
+    return found[0]
+
+
+def _fer_aus(rng: np.random.Generator, expression: str) -> dict[int, float]:
+    """Intensities (AU -> [0.55, 1]) of one frame showing ``expression``, with distractors."""
+    aus = {a: float(rng.uniform(0.55, 1.0)) for a in sorted(FER_PROTOTYPES[expression])}
+    for a in FER_DISTRACTOR_AUS:
+        if rng.uniform() < FER_DISTRACTOR_P:
+            aus[a] = float(rng.uniform(0.4, 1.0))
+    return aus
+
+
+def generate_fer(out_dir: Path, cfg: SyntheticFerParams) -> dict:
+    """Write the synthetic expression set: aligned face crops labelled by expression.
+
+    ``cfg.subjects`` new identities (``E001``...; the last ``cfg.test_subjects`` are the test
+    split, so test faces are unseen identities) each show every expression of
+    :data:`FER_EXPRESSIONS` ``cfg.frames_per_expression`` times, with per-frame pose,
+    lighting and noise (the AU frames' jitter). The label is :func:`expression_of` of the
+    drawn AUs. Skips a complete folder of the same config.
+
+    Writes ``images/<subject>/<expression>_<k>.jpg``, ``labels.csv`` (key, image, subject,
+    split, label index, expression, active AUs ``1;2;26``) and ``manifest.json`` (last).
+    Returns the manifest.
+    """
+    out_dir = Path(out_dir)
+    subjects = [f"E{i + 1:03d}" for i in range(cfg.subjects)]
+    test = set(subjects[cfg.subjects - cfg.test_subjects:])
+    manifest = {"generator": "synthetic_fer", "version": FER_GENERATOR_VERSION,
+                "config": asdict(cfg), "classes": list(FER_EXPRESSIONS),
+                "prototypes": {e: sorted(p) for e, p in FER_PROTOTYPES.items()},
+                "dropped_prototype_aus": {e: list(v) for e, v in FER_DROPPED_AUS.items()},
+                "test_subjects": sorted(test),
+                "counts": {"subjects": cfg.subjects,
+                           "images": cfg.subjects * len(FER_EXPRESSIONS)
+                           * cfg.frames_per_expression}}
+    try:
+        if read_json(out_dir / "manifest.json") == manifest:
+            log.info("%s: synthetic expressions already complete (seed %d); skipping",
+                     out_dir, cfg.seed)
+            return manifest
+    except (FileNotFoundError, ValueError):
+        pass
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    if (out_dir / "images").is_dir():  # another config's frames: never mix them in
+        import shutil
+        shutil.rmtree(out_dir / "images")
+    t0 = time.perf_counter()
+    scene = sample_scenes(cfg.seed)[0]
+    rows = ["key,image,subject,split,label,expression,aus"]
+    for s, sid in enumerate(subjects):
+        r = _rng(cfg.seed, _S_FER_SUBJECT, s)
+        face = in_scene(sample_traits(r, "FM"[int(r.integers(2))], cohort=True), scene)
+        for li, expression in enumerate(FER_EXPRESSIONS):
+            for k in range(cfg.frames_per_expression):
+                fr = _rng(cfg.seed, _S_FER_FRAME, s, li, k)
+                aus = _fer_aus(fr, expression)
+                label = FER_EXPRESSIONS.index(expression_of(aus))
+                img = render_face(face, aus, _sample_au_shot(fr), cfg.frame_size)
+                rel = f"images/{sid}/{expression}_{k:03d}.jpg"
+                _write(out_dir / rel, _jpeg(img))
+                rows.append(f"{sid}_{expression}_{k:03d},{rel},{sid},"
+                            f"{'test' if sid in test else 'train'},{label},{expression},"
+                            + ";".join(str(a) for a in sorted(aus)))
+    _write(out_dir / FER_LABELS, ("\n".join(rows) + "\n").encode())
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    log.info("synthetic expressions: %d images of %d subjects (%d test) in %s, %.1f s",
+             len(rows) - 1, cfg.subjects, len(test), out_dir, time.perf_counter() - t0)
     return manifest

@@ -9,7 +9,9 @@ fetched (interrupted downloads resume from their ``.part`` file) unless its imag
 already, in which case nothing is downloaded; LAION-Face runs img2dataset on URL lists you
 place; the others, ``folder`` (your own photos, see the "Your own photos" section of
 ``pipeline/sources.py``) and the licensed AU datasets are verified where you placed them.
-Counts per source go to MLflow. Exits with status 2, after printing exactly what to place
+The expression datasets of ``download.fer_datasets`` follow (pipeline/fer_data.py):
+``synthetic`` is generated into ``<out>/synthetic_fer/``, RAF-DB and AffectNet are verified
+in ``<out>/rafdb/`` and ``<out>/affectnet/``. Counts per source go to MLflow. Exits with status 2, after printing exactly what to place
 where, when a source needs a manual step; the sources that are ready stay ready.
 
 No ``run_info.json`` is written into ``<out>``: DVC hashes the folder as the shards stage's
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 
+from pipeline.fer_data import prepare_fer_sources
 from pipeline.io import setup_logging
 from pipeline.params import load_params, to_dict
 from pipeline.sources import prepare_sources
@@ -45,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     with start_run("download", {"download": to_dict(dl)}) as tracker:
         summary = prepare_sources(names, args.out, retries=dl.retries, timeout=dl.timeout_s,
                                   synthetic_cfg=dl.synthetic)
+        # expression datasets (Table 4): synthetic_fer/ generated, rafdb/ affectnet/ verified
+        fer = prepare_fer_sources(dl.fer_datasets, args.out, dl.synthetic_fer)
+        summary["sources"].update(fer["sources"])
+        summary["pending"].update(fer["pending"])
+        names += [f"fer_{n}" for n in dl.fer_datasets]
         metrics = {f"{name}.{k}": v for name, m in summary["sources"].items()
                    for k, v in m["counts"].items()}
         metrics["sources_ready"] = len(summary["sources"])

@@ -41,6 +41,11 @@ def _tiny_params(src: Path) -> dict:
                          warmup_epochs=0, batch_size=8, num_workers=0,
                          save_backbone_epochs=[0, 1])
     p["probe"].update(frames_per_subject=6, epochs=5, tsne_subjects=4)
+    p["download"]["synthetic_fer"].update(subjects=4, test_subjects=1, frames_per_expression=2,
+                                          frame_size=32)
+    p["fer_shards"].update(image_size=32)
+    p["finetune_fer"].update(image_size=32)
+    p["finetune_fer"]["synthetic"].update(epochs=1, warmup_epochs=0, batch_size=8)
     return p
 
 
@@ -72,6 +77,7 @@ def test_repro_builds_report_and_metrics(repo):
     work, _ = repo
     report = (work / "data" / "tables" / "report.html").read_text()
     assert "data:image/png;base64," in report
+    assert "Table 4: facial expression recognition" in report
     stats = json.loads((work / "data" / "shards" / "stats.json").read_text())
     synth = stats["sources"]["synthetic"]
     assert synth["seen"] == 40 + 7 and synth["failed"] >= 1 and synth["dropped_aspect"] >= 1
@@ -81,6 +87,8 @@ def test_repro_builds_report_and_metrics(repo):
             assert 0.0 <= m["final"]["f1_mean"] <= 100.0
     headline = json.loads((work / "data" / "tables" / "metrics.json").read_text())
     assert headline  # tables wrote headline metrics
+    fer = json.loads((work / "data" / "finetune_fer" / "synthetic" / "metrics.json").read_text())
+    assert headline["fer"]["synthetic"]["top1"] == fer["final"]["top1"]
     assert (work / "data" / "probe" / "identity_vs_epoch.png").stat().st_size > 0
     assert (work / "data" / "shards" / "face").is_dir()
     assert (work / "data" / "download" / "synthetic" / "contact_sheet.png").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import sources
-from pipeline.params import AU_DATASETS, PRETRAIN_SOURCES
+from pipeline.params import AU_DATASETS, FER_DATASETS, PRETRAIN_SOURCES
 from pipeline.sources import Item, ManualStepRequired, iter_items, read_item, verify_source
 
 MAGIC = 0xCED7230A
@@ -29,7 +29,8 @@ def write(path: Path, data: bytes = b"") -> Path:
 
 # --------------------------------------------------------------------------- registry
 def test_registry_covers_exactly_the_params_names():
-    assert set(sources.SOURCES) == set(PRETRAIN_SOURCES) | set(AU_DATASETS)
+    assert set(sources.SOURCES) == (set(PRETRAIN_SOURCES) | set(AU_DATASETS)
+                                    | set(FER_DATASETS) - {"synthetic"})
     for name, s in sources.SOURCES.items():
         assert s.name == name and s.method in ("synthetic", "download", "img2dataset", "manual")
         assert s.place and s.get and s.licence
