@@ -6,20 +6,27 @@
 
 ``--lambda`` and ``--id-head-depth`` override the params for the ablation sweeps
 (paper Tables 5-7). See pipeline/finetune.py for the method.
+
+Data-parallel on several GPUs (or CPU processes, gloo), as dvc.yaml launches it with
+``finetune.nproc_per_node``:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m stages.finetune ...
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
 
+from pipeline.distributed import cleanup_distributed, init_distributed
 from pipeline.finetune import VARIANTS, finetune
 from pipeline.io import setup_logging, write_run_info
 from pipeline.params import load_params, parse_run, to_dict
-from pipeline.tracking import start_run
+from pipeline.tracking import is_rank0, start_run
 
 log = logging.getLogger("stages.finetune")
 
@@ -39,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="override finetune.id_head_depth (iat only; Table 7 sweep)")
     args = ap.parse_args(argv)
 
-    setup_logging()
+    # Other ranks only warn: one rank's log is the run's log.
+    setup_logging(logging.INFO if is_rank0() else logging.WARNING)
     params = load_params(args.params)
     dataset, fold = parse_run(args.run)
     if args.variant == "fmae" and (args.lambda_ is not None or args.id_head_depth is not None):
@@ -55,19 +63,43 @@ def main(argv: list[str] | None = None) -> int:
                   "model_size": params.model_size, "seed": params.seed,
                   "pretrain": {"patch_size": params.pretrain.patch_size},
                   "finetune": to_dict(cfg)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_run_info(args.out, run_params)
+    _check_world_size(cfg.nproc_per_node)
+    if is_rank0():
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_run_info(args.out, run_params)
     name = f"{args.variant}/{args.run}"
     if args.lambda_ is not None or args.id_head_depth is not None:
         name += f"/lambda={lam:g},id_head_depth={cfg.id_head_depth}"
     tags = {"dataset": dataset, "fold": fold, "variant": args.variant,
             "lambda": lam if args.variant == "iat" else 0.0,
             "id_head_depth": cfg.id_head_depth if args.variant == "iat" else "none"}
-    with start_run(f"finetune_{args.variant}", run_params, run_name=name, tags=tags) as tracker:
-        finetune(args.au_shards / dataset, args.pretrained, args.out, cfg, dataset=dataset,
-                 fold=fold, variant=args.variant, lambda_=lam, model_size=params.model_size,
-                 patch_size=params.pretrain.patch_size, seed=params.seed, tracker=tracker)
+    info = init_distributed()
+    try:
+        with start_run(f"finetune_{args.variant}", run_params, run_name=name,
+                       tags=tags) as tracker:
+            finetune(args.au_shards / dataset, args.pretrained, args.out, cfg, dataset=dataset,
+                     fold=fold, variant=args.variant, lambda_=lam,
+                     model_size=params.model_size, patch_size=params.pretrain.patch_size,
+                     seed=params.seed, tracker=tracker, dist_info=info)
+    finally:
+        cleanup_distributed()
     return 0
+
+
+def _check_world_size(nproc_per_node: int) -> None:
+    """Refuse a launch whose process count on this machine is not finetune.nproc_per_node.
+
+    The lr and the steps per epoch depend on the number of processes, and DVC records the
+    param: a mismatch (e.g. the stage started by hand without torchrun) would train another
+    recipe than the one recorded. Multi-node launches check the processes per node.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+    if local != nproc_per_node:
+        raise SystemExit(f"finetune.nproc_per_node is {nproc_per_node} but this launch runs "
+                         f"{local} process(es) on this machine; start the stage with "
+                         f"`python -m torch.distributed.run --standalone "
+                         f"--nproc_per_node={nproc_per_node} -m stages.finetune ...` (as "
+                         "dvc.yaml does) or set finetune.nproc_per_node")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,27 @@ def test_eval_stream_sees_every_sample_once_with_workers(tmp_path):
     assert len(keys) == len(SUBJECTS) * FRAMES == len(set(keys))
 
 
+@pytest.mark.parametrize("shuffle,workers", [(False, 0), (True, 0), (False, 2), (True, 2)])
+def test_ranks_split_the_samples_disjointly_and_evenly(tmp_path, shuffle, workers):
+    au_dir = make_au_shards(tmp_path)
+    urls = sorted(str(p) for p in au_dir.glob("*.tar"))
+
+    def keys(rank: int, world: int) -> list[str]:
+        ds = AUShardStream(urls, AUS, lambda im: torch.zeros(1), shuffle=shuffle, seed=0,
+                           rank=rank, world_size=world)
+        ds.set_epoch(1)
+        return [k for _, _, _, ks, _ in make_loader(ds, 4, workers, pin=False) for k in ks]
+
+    whole = keys(0, 1)
+    for world in (2, 5):
+        shares = [keys(r, world) for r in range(world)]
+        assert sorted(k for s in shares for k in s) == sorted(whole)  # each sample once
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= max(workers, 1)  # one per worker at most
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        AUShardStream(urls, AUS, lambda im: im, rank=2, world_size=2)
+
+
 def test_train_stream_reshuffles_and_maps_labels(tmp_path):
     au_dir = make_au_shards(tmp_path)
     urls = sorted(str(p) for p in au_dir.glob("*.tar"))
