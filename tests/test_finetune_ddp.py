@@ -1,12 +1,13 @@
-"""Data-parallel AU finetuning on 2 CPU processes (gloo).
+"""Data-parallel AU finetuning and identity probing on 2 CPU processes (gloo).
 
 Checks that the gathered evaluation of given weights is the 1-process evaluation frame for
 frame (no frame lost or counted twice), that FMAE and FMAE-IAT train under DDP with rank 0
-the only writer, and that a run is deterministic for a given world size.
+the only writer, that a run is deterministic for a given world size, and that the identity
+probe shared out over 2 processes writes what one process writes.
 
-The test launches this file under ``torchrun --standalone --nproc_per_node=2``; run as a
-script with ``--worker DIR`` it is the per-rank worker (DIR holds the shards and checkpoint
-the test built).
+The tests launch this file under ``torchrun --standalone --nproc_per_node=2``; run as a
+script with ``--worker DIR finetune|probe`` it is the per-rank worker (DIR holds the shards
+and checkpoints the test built).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the worker imports the fixtures
+import test_probe  # noqa: E402
 from test_finetune import AUS, FRAMES, PARTS, SUBJECTS, TINY, cfg, make_au_shards, \
     make_checkpoint  # noqa: E402
 
@@ -54,9 +56,21 @@ def _evaluate(root: Path, rank: int, world: int, num_workers: int) -> tuple[dict
     return mine, gather_predictions(mine)
 
 
-def _worker(root: Path) -> None:
+def _launch(root: Path, mode: str) -> None:
+    """Run this file's worker in ``mode`` as 2 gloo processes under torchrun."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", str(Path(__file__).resolve()), "--worker", str(root), mode]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _worker(root: Path, mode: str) -> None:
     from pipeline.distributed import cleanup_distributed, init_distributed
-    from pipeline.finetune import finetune
     from pipeline.io import setup_logging
     from pipeline.models import vit
 
@@ -66,23 +80,31 @@ def _worker(root: Path) -> None:
     info = init_distributed(timeout_s=120, device="cpu")
     try:
         assert info.world_size == 2 and info.backend == "gloo", info
-        r = info.rank
-        mine, gathered = _evaluate(root, r, 2, num_workers=2)
-        torch.save({"mine": mine, "gathered": gathered}, root / f"eval{r}.pt")
-        runs = {"fmae": ("fmae", 1, cfg(epochs=1, warmup_epochs=0, batch_size=4,
-                                        save_backbone_epochs=[1])),
-                "iat_a": ("iat", 2, cfg(batch_size=4, val_fraction=0.3)),
-                "iat_b": ("iat", 2, cfg(batch_size=4, val_fraction=0.3))}  # = iat_a
-        results = {}
-        for name, (variant, fold, c) in runs.items():
-            # One output folder per rank, so that a file written by rank 1 would show.
-            results[name] = finetune(root / "synthetic", root / "ckpt.pt",
-                                     root / f"{name}-rank{r}", c, dataset="synthetic",
-                                     fold=fold, variant=variant, lambda_=1.0,
-                                     model_size="tiny", patch_size=8, seed=0, dist_info=info)
-        (root / f"results{r}.json").write_text(json.dumps(results))
+        if mode == "probe":
+            _probe(root, root / f"probe-rank{info.rank}", info)
+        else:
+            _finetune_worker(root, info.rank, info)
     finally:
         cleanup_distributed()
+
+
+def _finetune_worker(root: Path, r: int, info) -> None:
+    from pipeline.finetune import finetune
+
+    mine, gathered = _evaluate(root, r, 2, num_workers=2)
+    torch.save({"mine": mine, "gathered": gathered}, root / f"eval{r}.pt")
+    runs = {"fmae": ("fmae", 1, cfg(epochs=1, warmup_epochs=0, batch_size=4,
+                                    save_backbone_epochs=[1])),
+            "iat_a": ("iat", 2, cfg(batch_size=4, val_fraction=0.3)),
+            "iat_b": ("iat", 2, cfg(batch_size=4, val_fraction=0.3))}  # = iat_a
+    results = {}
+    for name, (variant, fold, c) in runs.items():
+        # One output folder per rank, so that a file written by rank 1 would show.
+        results[name] = finetune(root / "synthetic", root / "ckpt.pt",
+                                 root / f"{name}-rank{r}", c, dataset="synthetic",
+                                 fold=fold, variant=variant, lambda_=1.0,
+                                 model_size="tiny", patch_size=8, seed=0, dist_info=info)
+    (root / f"results{r}.json").write_text(json.dumps(results))
 
 
 @pytest.mark.slow
@@ -93,15 +115,7 @@ def test_two_cpu_ranks_evaluate_and_finetune(tmp_path, monkeypatch):
     monkeypatch.setitem(vit.VIT_SIZES, "tiny", TINY)
     make_au_shards(tmp_path)
     make_checkpoint(tmp_path / "ckpt.pt")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-              "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", str(Path(__file__).resolve()), "--worker", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch(tmp_path, "finetune")
 
     # --- evaluation: the ranks' shares are disjoint and together the 1-process evaluation
     single, _ = _evaluate(tmp_path, 0, 1, num_workers=0)
@@ -150,8 +164,49 @@ def test_two_cpu_ranks_evaluate_and_finetune(tmp_path, monkeypatch):
             (tmp_path / "iat_b-rank0" / f).read_bytes(), f
 
 
+# --------------------------------------------------------------------------- probe
+PROBE_RUNS = ["synthetic-1", "disfa-1"]  # two datasets: same backbones, different frames
+
+
+def _probe(root: Path, out: Path, info=None) -> dict:
+    from pipeline.params import ProbeParams
+    from pipeline.probe import probe_all
+    from pipeline.tracking import Tracker
+
+    cfg_ = ProbeParams(frames_per_subject=10, train_fraction=0.7, epochs=2, warmup_epochs=1,
+                       batch_size=64, tsne_subjects=4, num_workers=0, converged_max_iter=50)
+    return probe_all(root / "finetune", root / "au_shards", out, cfg_, test_probe.FT,
+                     PROBE_RUNS, seed=0, tracker=Tracker(active=False), dist_info=info)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_share_the_identity_probe(tmp_path, monkeypatch):
+    from pipeline.models import vit
+
+    monkeypatch.setitem(vit.VIT_SIZES, "tiny", TINY)
+    for run in PROBE_RUNS:
+        for variant in ("fmae", "iat"):  # identical backbones: probed once per dataset
+            test_probe.make_run(tmp_path / "finetune" / variant / run)
+    test_probe.make_au_shards(tmp_path / "au_shards" / "synthetic", identity=True)
+    test_probe.make_au_shards(tmp_path / "au_shards" / "disfa", identity=False, seed=1)
+    _launch(tmp_path, "probe")
+    assert not (tmp_path / "probe-rank1").exists(), "rank 1 wrote probe outputs"
+    torch.set_num_threads(1)
+    single = _probe(tmp_path, tmp_path / "probe-single")
+    shared, alone = tmp_path / "probe-rank0", tmp_path / "probe-single"
+    names = sorted(str(p.relative_to(alone)) for p in alone.rglob("*.json"))
+    assert names == sorted(str(p.relative_to(shared)) for p in shared.rglob("*.json"))
+    assert len(names) == 1 + 2 * len(PROBE_RUNS)  # metrics.json, one per variant and run
+    for name in names:
+        assert json.loads((shared / name).read_text()) == json.loads((alone / name).read_text())
+    assert json.loads((shared / "metrics.json").read_text()) == json.loads(json.dumps(single))
+    for png in ("identity_vs_epoch.png", *(f"tsne_{r}.png" for r in PROBE_RUNS)):
+        assert (shared / png).is_file()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(Path(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(Path(sys.argv[2]), sys.argv[3])
     else:
-        sys.exit("usage: torchrun --nproc_per_node=2 tests/test_finetune_ddp.py --worker DIR")
+        sys.exit("usage: torchrun --nproc_per_node=2 tests/test_finetune_ddp.py --worker DIR "
+                 "finetune|probe")
