@@ -10,7 +10,10 @@
 Data-parallel on several GPUs (or CPU processes, gloo), as dvc.yaml launches it with
 ``finetune.nproc_per_node``:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m stages.finetune ...
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m stages.finetune \
+        --params params.yaml --dataset-fold synthetic-1 ...
+
+(``--dataset-fold`` is ``--run``; torchrun refuses a bare ``--run`` after the module name.)
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ log = logging.getLogger("stages.finetune")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml", type=Path)
-    ap.add_argument("--run", required=True, help="<dataset>-<fold>, e.g. bp4d-1")
+    # dvc.yaml spells it --dataset-fold: torchrun's own parser takes a bare --run for an
+    # ambiguous abbreviation of its --run-path and stops before starting any process.
+    ap.add_argument("--dataset-fold", "--run", dest="run", required=True,
+                    help="<dataset>-<fold>, e.g. bp4d-1")
     ap.add_argument("--variant", required=True, choices=VARIANTS)
     ap.add_argument("--au-shards", required=True, type=Path,
                     help="folder holding <dataset>/ AU shards (data/au_shards)")

@@ -429,3 +429,44 @@ def test_checkpoint_with_nan_weights_is_refused_before_training(tmp_path):
                                          r"\(e\.g\. \['blocks\.0\.attn\.qkv\.weight'\]\)"):
         _run_with(tmp_path, ckpt)
     assert not (tmp_path / "out" / "history.csv").exists()
+
+
+def test_dvc_torchrun_commands_reach_the_stage_unchanged():
+    # torchrun's parser reads abbreviations of its own options anywhere on the line (a bare
+    # --run is an ambiguous --run-path and stops the launch): every torchrun command in
+    # dvc.yaml must hand the stage exactly its arguments, which the stage then accepts.
+    import re
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    launched = {}
+    for name, stage in stages.items():
+        cmd = re.sub(r"\$\{[^}]+\}", "1", stage["cmd"])  # ${item.run} etc.: any plain word
+        words = shlex.split(cmd)
+        if words[:3] != ["python", "-m", "torch.distributed.run"]:
+            continue
+        args = get_args_parser().parse_args(words[3:])
+        assert args.module and args.nproc_per_node == "1", name
+        script = words.index(args.training_script)
+        assert args.training_script_args == words[script + 1:], name
+        launched[name] = args.training_script
+    assert {launched[s] for s in ("finetune_fmae", "finetune_iat", "finetune_sweep_lambda",
+                                  "finetune_sweep_depth")} == {"stages.finetune"}
+    assert launched["probe"] == "stages.probe"
+
+
+def test_stage_refuses_a_launch_with_another_process_count(monkeypatch):
+    spec = importlib.util.spec_from_file_location("stage_finetune", REPO / "stages" / "finetune.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    stage._check_world_size(1)  # a plain process is one process
+    with pytest.raises(SystemExit, match="finetune.nproc_per_node is 2 but this launch runs 1"):
+        stage._check_world_size(2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node=2
+    stage._check_world_size(2)
+    with pytest.raises(SystemExit, match="--nproc_per_node=1 -m stages.finetune"):
+        stage._check_world_size(1)
