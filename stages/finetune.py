@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_params = {"run": args.run, "variant": args.variant, "lambda": lam,
                   "model_size": params.model_size, "seed": params.seed,
+                  # processes on all nodes: the global batch is finetune.batch_size x this
+                  "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
                   "pretrain": {"patch_size": params.pretrain.patch_size},
                   "finetune": to_dict(cfg)}
     _check_world_size(cfg.nproc_per_node)
