@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -144,3 +144,59 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def single_process_info() -> DistInfo:
+    """The :class:`DistInfo` of a plain run: rank 0 of 1, CUDA when available."""
+    return DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a copy; identity for a single process)."""
+    t = t.detach().clone()
+    if _initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def lockstep(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """Yield ``batches`` while every rank still has one, so all ranks run the same steps.
+
+    Ranks of a data-parallel run read slightly different numbers of batches (samples split
+    round-robin, DataLoader workers each dropping a partial batch); a rank that ran out while
+    another went on would leave the other blocked in DDP's gradient all-reduce. Before each
+    step the ranks agree (an all-reduce MIN of one flag) and all stop at the first step some
+    rank cannot fill. A single process gets ``batches`` unchanged.
+
+    Args:
+        batches: this rank's iterable (a DataLoader).
+        device: where the flag lives (the rank's CUDA device under NCCL, CPU under gloo).
+    """
+    if not _initialized():
+        yield from batches
+        return
+    end = object()
+    it = iter(batches)
+    while True:
+        item = next(it, end)
+        flag = torch.tensor([0 if item is end else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag.item()) == 0:
+            return
+        yield item
+
+
+def gather_objects_to_main(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst``, None on the others.
+
+    ``[obj]`` for a single process. Use it for large results that only the writer needs.
+    """
+    if not _initialized():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out

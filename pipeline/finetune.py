@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import math
 import random
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -47,6 +49,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import metrics as M
 from pipeline.au_export import MODEL_NAME as MODEL_FILE
 from pipeline.au_export import describe_eval_transform, save_au_model
+from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
+                                  lockstep, single_process_info, unwrap, wrap_ddp)
 from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
                          remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
@@ -242,6 +246,12 @@ class AUShardStream(IterableDataset):
     pass yields every sample exactly once however many workers run. Training reshuffles the
     shard order and samples every epoch (call :meth:`set_epoch` before iterating).
 
+    Under data parallelism samples (not shards: a shard is one subject, of any length) are
+    split across ranks: worker w of every rank reads the same stream (same shards, same
+    shuffle, independent of the rank) and rank r keeps its samples r, r + R, r + 2R, ...
+    Each sample is then seen by exactly one rank, and the ranks' counts differ by at most one
+    per worker; only the kept samples are decoded, but every rank reads all shard bytes.
+
     Args:
         urls: shard paths.
         aus: the AU numbers of the dataset, in label order (checked against every sample).
@@ -250,11 +260,12 @@ class AUShardStream(IterableDataset):
         unknown_as_negative: turn label -1 (not coded) into 0.
         shuffle: training order (interleaved shards + shuffle buffer) instead of file order.
         seed: base seed of the shuffling.
+        rank, world_size: this process's share of the samples (see above).
     """
 
     def __init__(self, urls: list[str], aus: list[int], transform, *,
                  subject_ids: dict[str, int] | None = None, unknown_as_negative: bool = False,
-                 shuffle: bool = False, seed: int = 0):
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.urls = list(urls)
         self.aus = [int(a) for a in aus]
@@ -264,6 +275,9 @@ class AUShardStream(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -279,6 +293,8 @@ class AUShardStream(IterableDataset):
                                                   SHUFFLE_BUFFER, rng)
         else:
             raw = (s for u in urls[wid::nw] for s in _tar_samples(u))
+        if self.world_size > 1:  # this rank's share, picked before any decoding
+            raw = itertools.islice(raw, self.rank, None, self.world_size)
         for sample in raw:
             yield self._decode(sample)
 
@@ -367,13 +383,15 @@ def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.O
     """One pass over the training shards; returns sample-weighted mean losses and the lr.
 
     ``epoch`` is 0-based here; the lr follows the per-iteration schedule of fractional epoch
-    ``epoch + step / steps_per_epoch``.
+    ``epoch + step / steps_per_epoch``. ``model`` may be DDP-wrapped: then every rank runs
+    the same number of steps (:func:`pipeline.distributed.lockstep`) and the returned means
+    are over all ranks' samples.
     """
     model.train()
     sums = {"au_loss": 0.0, "id_loss": 0.0, "id_acc": 0.0}
     n_seen, n_id, lr = 0, 0, 0.0
-    use_ids = model.id_head is not None
-    for step, (x, labels, ids, _keys, _subjects) in enumerate(loader):
+    use_ids = unwrap(model).id_head is not None
+    for step, (x, labels, ids, _keys, _subjects) in enumerate(lockstep(loader, device)):
         # Workers each end with a partial batch, so the true step count can exceed the
         # estimate by a few: clamp the schedule inside this epoch.
         t = epoch + min(step / steps_per_epoch, 1.0)
@@ -408,6 +426,8 @@ def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.O
             n_id += b
             sums["id_loss"] += out["id_loss"].item() * b
             sums["id_acc"] += out["id_acc"].item() * b
+    if torch.distributed.is_initialized():
+        sums, n_seen, n_id = _sum_over_ranks(sums, n_seen, n_id, device)
     if n_seen == 0:
         raise ValueError("the training split yielded no samples; check the AU shards")
     return {"lr": lr, "au_loss": sums["au_loss"] / n_seen,
@@ -415,10 +435,23 @@ def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.O
             "id_acc": sums["id_acc"] / n_id if n_id else math.nan}
 
 
+def _sum_over_ranks(sums: dict[str, float], n_seen: int, n_id: int, device: torch.device
+                    ) -> tuple[dict[str, float], int, int]:
+    """The loss sums and sample counts of one epoch, summed over ranks (float64)."""
+    names = list(sums)
+    t = torch.tensor([sums[k] for k in names] + [n_seen, n_id], dtype=torch.float64,
+                     device=device)
+    t = all_reduce_sum(t).cpu().tolist()
+    return dict(zip(names, t[:len(names)])), int(t[-2]), int(t[-1])
+
+
 @torch.no_grad()
 def predict(model: AUModel, loader: DataLoader, device: torch.device,
-            amp: torch.dtype | None) -> dict[str, Any]:
+            amp: torch.dtype | None, allow_empty: bool = False) -> dict[str, Any]:
     """Probabilities of every sample, sorted by key.
+
+    ``allow_empty``: return empty arrays instead of failing when the loader yields nothing
+    (one rank's share of a split smaller than the number of ranks).
 
     Returns:
         ``{"keys": [N], "subjects": [N], "probs": (N, A) float32, "labels": (N, A) int8}``.
@@ -433,11 +466,35 @@ def predict(model: AUModel, loader: DataLoader, device: torch.device,
         keys += list(k)
         subjects += list(s)
     if not keys:
+        if allow_empty:
+            return {"keys": [], "subjects": [], "probs": np.zeros((0, 0), np.float32),
+                    "labels": np.zeros((0, 0), np.int8)}
         raise ValueError("an evaluation split yielded no samples; check the AU shards")
     order = np.argsort(np.asarray(keys), kind="stable")
     return {"keys": [keys[i] for i in order], "subjects": [subjects[i] for i in order],
             "probs": torch.cat(probs).numpy().astype(np.float32)[order],
             "labels": torch.cat(labels).numpy().astype(np.int8)[order]}
+
+
+def gather_predictions(pred: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's :func:`predict` output merged on every rank, sorted by key.
+
+    Each rank predicted a disjoint share of a split; the merge keeps every row (a frame read
+    by two ranks would show up twice, which :func:`_check_exactly_once` refuses). A single
+    process gets ``pred`` unchanged.
+    """
+    if not torch.distributed.is_initialized():
+        return pred
+    parts = [p for p in all_gather_objects(pred) if p["keys"]]
+    if not parts:
+        raise ValueError("an evaluation split yielded no samples on any rank; check the AU "
+                         "shards")
+    keys = [k for p in parts for k in p["keys"]]
+    subjects = [s for p in parts for s in p["subjects"]]
+    order = np.argsort(np.asarray(keys), kind="stable")
+    return {"keys": [keys[i] for i in order], "subjects": [subjects[i] for i in order],
+            "probs": np.concatenate([p["probs"] for p in parts])[order],
+            "labels": np.concatenate([p["labels"] for p in parts])[order]}
 
 
 def _check_exactly_once(pred: dict, expected: int, split: str) -> None:
@@ -517,7 +574,8 @@ def _load_checkpoint(path: Path, model_size: str, patch_size: int, image_size: i
 # --------------------------------------------------------------------------- the run
 def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams, *,
              dataset: str, fold: int, variant: str, lambda_: float, model_size: str,
-             patch_size: int, seed: int, tracker=None) -> dict:
+             patch_size: int, seed: int, tracker=None,
+             dist_info: DistInfo | None = None) -> dict:
     """Finetune the pretrained encoder on one fold and write the finetune contract files.
 
     Args:
@@ -531,20 +589,35 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         model_size, patch_size: the pretrained encoder's size and patch size.
         seed: seeds weights of the new heads, augmentation and shuffling.
         tracker: a :class:`pipeline.tracking.Tracker` for per-epoch metrics, or None.
+        dist_info: this process's place in a torchrun launch
+            (:func:`pipeline.distributed.init_distributed`); None = one process.
+
+    Data parallel (``world_size`` R > 1): every rank trains on its share of the training
+    samples with per-rank augmentation seeds (``seed + rank``; the weights are drawn from
+    ``seed`` and broadcast by DDP), the global batch is ``batch_size x R`` and the lr scales
+    with it (``blr x batch_size x R / 256``, as the reference), and every rank runs
+    ``n_train // (batch_size x R)`` steps an epoch. Each rank predicts a disjoint share of
+    the test (and val) frames; the shares are gathered before any metric, and checked to
+    hold every frame exactly once. Only rank 0 writes files and logs to ``tracker``. One
+    process (R = 1) runs exactly as without ``dist_info``.
 
     Returns:
-        the ``metrics.json`` dict.
+        the ``metrics.json`` dict (on every rank).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} unknown; use one of {', '.join(VARIANTS)}")
     t_train, t_eval = build_transforms(cfg)  # first: a bad rand_augment fails before any work
     preprocess = describe_eval_transform(t_eval)  # what model.safetensors records
     au_dir, out_dir = Path(au_dir), Path(out_dir)
-    remove_stale_temporaries(out_dir, recursive=True)  # killed runs' .tmp-* (backbones/ too)
+    info = dist_info or single_process_info()
+    main = info.is_main  # only rank 0 writes files and logs metrics
+    tracker = tracker if main else None
+    if main:
+        remove_stale_temporaries(out_dir, recursive=True)  # killed runs' .tmp-* (backbones/)
     meta = read_au_meta(au_dir, dataset, fold)
     aus = [int(a) for a in meta["aus"]]
     seed_everything(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = info.device
     amp = autocast_dtype(cfg.amp, device)
     iat = variant == "iat"
 
@@ -558,10 +631,12 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
     subject_ids = identity_classes(meta, train_subjects, cfg.id_classes)
     neg = cfg.unknown_labels == "negative"
     pin = device.type == "cuda"
+    share = {"rank": info.rank, "world_size": info.world_size}  # this rank's samples
     train_ds = AUShardStream(train_urls, aus, t_train, subject_ids=subject_ids,
-                             unknown_as_negative=neg, shuffle=True, seed=seed)
+                             unknown_as_negative=neg, shuffle=True, seed=seed, **share)
     train_loader = make_loader(train_ds, cfg.batch_size, cfg.num_workers, pin, drop_last=True)
-    eval_loaders = {name: (make_loader(AUShardStream(urls, aus, t_eval, unknown_as_negative=neg),
+    eval_loaders = {name: (make_loader(AUShardStream(urls, aus, t_eval, unknown_as_negative=neg,
+                                                     **share),
                                        cfg.batch_size, cfg.num_workers, pin), n)
                     for name, (urls, _subs, n) in splits.items() if name != "train"}
     log.info("%s fold %d (%s): %d train frames / %d subjects, %s; %d AUs", dataset, fold,
@@ -586,42 +661,50 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
                        "embed_dim": int(encoder.embed_dim), "depth": model.num_layers,
                        "dataset": dataset, "fold": fold, "variant": variant}
 
-    base_lr = cfg.blr * cfg.batch_size / 256
+    ddp_model = wrap_ddp(model, info)  # DDP broadcasts rank 0's weights
+    if info.distributed:  # replicas draw different augmentation and drop path
+        seed_everything(seed + info.rank)
+    global_batch = cfg.batch_size * info.world_size
+    base_lr = cfg.blr * global_batch / 256
     optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay),
                                   lr=base_lr)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    steps_per_epoch = n_train // cfg.batch_size  # partial last batch dropped
+    steps_per_epoch = n_train // global_batch  # partial last batch dropped
     if steps_per_epoch == 0:
         raise ValueError(f"{au_dir}: fold {fold} has {n_train} training frames, fewer than one "
-                         f"batch (finetune.batch_size = {cfg.batch_size}); lower the batch size")
-    log.info("lr %.3g (blr %.3g x batch %d / 256), %d steps/epoch, %d epochs, amp %s, "
-             "device %s", base_lr, cfg.blr, cfg.batch_size, steps_per_epoch, cfg.epochs,
-             amp, device)
+                         f"global batch (finetune.batch_size = {cfg.batch_size} x "
+                         f"{info.world_size} processes); lower the batch size or "
+                         "finetune.nproc_per_node")
+    log.info("lr %.3g (blr %.3g x batch %d x %d processes / 256), %d steps/epoch, %d epochs, "
+             "amp %s, device %s", base_lr, cfg.blr, cfg.batch_size, info.world_size,
+             steps_per_epoch, cfg.epochs, amp, device)
 
     def backbone(epoch: int) -> None:
-        if epoch in cfg.save_backbone_epochs:
+        if main and epoch in cfg.save_backbone_epochs:
             save_backbone(model, out_dir / "backbones" / f"epoch_{epoch:03d}.pt",
                           {**backbone_config, "epoch": epoch})
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     backbone(0)
     history: list[dict] = []
     epochs: list[dict] = []
     val_threshold = None
     import pyarrow.parquet as pq
-    with atomic_path(out_dir / "predictions.parquet") as pred_tmp:
+    with atomic_path(out_dir / "predictions.parquet") if main else nullcontext() as pred_tmp:
         writer = None
         try:
             for e in range(cfg.epochs):
                 epoch = e + 1
                 t0 = time.time()
                 train_ds.set_epoch(e)
-                tr = train_one_epoch(model, train_loader, optimizer, epoch=e,
+                tr = train_one_epoch(ddp_model, train_loader, optimizer, epoch=e,
                                      steps_per_epoch=steps_per_epoch, cfg=cfg, base_lr=base_lr,
                                      device=device, amp=amp, scaler=scaler)
                 rec: dict[str, Any] = {"epoch": epoch}
                 for name, (loader, n_expected) in eval_loaders.items():
-                    pred = predict(model, loader, device, amp)
+                    pred = gather_predictions(predict(model, loader, device, amp,
+                                                      allow_empty=info.distributed))
                     _check_exactly_once(pred, n_expected, name)
                     rec[name] = M.au_report(pred["probs"], pred["labels"], aus, 0.5)
                     if name == "val":  # the final epoch's goes into model.safetensors
@@ -630,10 +713,11 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
                     if name == "test":
                         thr, _ = M.best_global_threshold(pred["probs"], pred["labels"])
                         rec["test_best"] = M.au_report(pred["probs"], pred["labels"], aus, thr)
-                        table = _predictions_table(pred, epoch, aus)
-                        if writer is None:
-                            writer = pq.ParquetWriter(pred_tmp, table.schema)
-                        writer.write_table(table)
+                        if main:
+                            table = _predictions_table(pred, epoch, aus)
+                            if writer is None:
+                                writer = pq.ParquetWriter(pred_tmp, table.schema)
+                            writer.write_table(table)
                 rec.setdefault("val", None)
                 epochs.append(rec)
                 row = {"epoch": epoch, **tr, "f1_mean": rec["test"]["f1_mean"],
@@ -641,7 +725,8 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
                        "best_threshold": rec["test_best"]["threshold"],
                        "best_threshold_f1_mean": rec["test_best"]["f1_mean"]}
                 history.append(row)
-                _write_history(out_dir / "history.csv", history)
+                if main:
+                    _write_history(out_dir / "history.csv", history)
                 backbone(epoch)
                 step_metrics = {"train/au_loss": tr["au_loss"], "train/lr": tr["lr"],
                                 "test/f1_mean": row["f1_mean"], "test/auc_mean": row["auc_mean"],
@@ -666,9 +751,11 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
                 writer.close()
 
     # The final model for `fmae-iat predict` (docs/design.md "model file"): AU head, no ID head.
-    save_au_model(out_dir / MODEL_FILE, model, aus=aus, preprocess=preprocess, dataset=dataset,
-                  fold=fold, variant=variant, lambda_=float(lambda_) if iat else 0.0,
-                  epoch=cfg.epochs, model_size=model_size, val_threshold=val_threshold)
+    if main:
+        save_au_model(out_dir / MODEL_FILE, model, aus=aus, preprocess=preprocess,
+                      dataset=dataset, fold=fold, variant=variant,
+                      lambda_=float(lambda_) if iat else 0.0, epoch=cfg.epochs,
+                      model_size=model_size, val_threshold=val_threshold)
     result = {
         "dataset": dataset, "fold": fold, "variant": variant,
         "lambda": float(lambda_) if iat else 0.0,
@@ -684,6 +771,9 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         "final_id_loss": history[-1]["id_loss"] if iat else None,
         "convergence_epoch": M.convergence_epoch(epochs),
     }
+    if not main:
+        barrier()  # rank 0 writes metrics.json below, then joins
+        return result
     atomic_write_json(out_dir / "metrics.json", result)
     if tracker is not None:
         tracker.log_metrics({"final/f1_mean": result["final"]["f1_mean"],
@@ -696,4 +786,5 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
              dataset, fold, variant, result["final"]["f1_mean"], result["final"]["epoch"],
              result["paper_protocol"]["f1_mean"], result["paper_protocol"]["threshold"],
              result["paper_protocol"]["epoch"])
+    barrier()
     return result

@@ -239,6 +239,8 @@ class FinetuneParams:
                                    doc="epochs whose backbone the identity probe reads")
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
     num_workers: int = F(0, 0, 256)
+    nproc_per_node: int = F(1, 1, 1024, doc="processes (GPUs) torchrun starts on this machine "
+                                            "per finetuning run; lr scales with the global batch")
     augment: AugmentParams = field(default_factory=AugmentParams)
     sweep_lambdas: list = F([], doc="Tables 5-6: extra IAT runs per lambda; [] = skip")
     sweep_id_head_depths: list = F([], doc="Table 7: extra IAT runs per ID head depth")
@@ -349,6 +351,8 @@ class ProbeParams:
     batch_size: int = F(256, 1, 65536, doc="feature-extraction batch (no effect on results)")
     tsne_subjects: int = F(20, 2, 1000)
     num_workers: int = F(0, 0, 256)
+    nproc_per_node: int = F(1, 1, 1024, doc="processes (GPUs) torchrun starts for the probe "
+                                            "stage; results do not depend on it")
 
     def __post_init__(self):
         if self.warmup_epochs > self.epochs:

@@ -38,6 +38,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipeline.distributed import (DistInfo, all_gather_objects, broadcast_object,
+                                  gather_objects_to_main)
 from pipeline.io import atomic_write_json, read_json, round_floats, save_figure
 from pipeline.linear_probe import (JpegFrames, Recipe, converged_probe, extract_features,
                                    recipe_probe)
@@ -279,7 +281,9 @@ def _probe_run_detail(run_dir: Path, frames: ProbeFrames, cfg: ProbeParams,
     """Probe every saved epoch of one run; also return the final epoch's (N, D) features.
 
     ``cache`` maps a backbone's weight digest to its probe results, so identical backbones
-    (every run's epoch 0 is the same pretrained encoder) are probed once.
+    (every run's epoch 0 is the same pretrained encoder) are probed once; one cache per
+    dataset (the results depend on the frames). A cached entry's features may be None when
+    the backbone is no run's final epoch (:func:`_probe_shared` gathers only those).
     """
     cache = {} if cache is None else cache
     per_epoch: dict[str, dict] = {}
@@ -479,11 +483,55 @@ def _headline(results: dict[str, dict[str, dict]]) -> dict:
     return round_floats(out)
 
 
+def _probe_shared(jobs: list[tuple[str, Path, bool]], frames: dict[str, ProbeFrames],
+                  cfg: ProbeParams, ft: FinetuneParams, seed: int, device: torch.device,
+                  info: DistInfo) -> dict[str, dict[str, tuple[dict, np.ndarray | None]]]:
+    """Probe the distinct backbones of ``jobs`` split across ranks; results on rank 0.
+
+    Args:
+        jobs: (dataset, backbone path, is some run's final epoch) of every saved backbone.
+        frames: each dataset's probe frames (loaded on every rank).
+
+    Rank r digests backbones r, r + R, ...; the digests are exchanged, and the distinct
+    (dataset, digest) pairs, in job order, are dealt round-robin to the ranks, each probed
+    exactly as one process would (every probe is seeded by ``seed`` alone). Rank 0 gets
+    ``{dataset: {digest: (results, final-epoch features or None)}}``, the caches
+    :func:`_probe_run_detail` reads; the other ranks get ``{}``.
+    """
+    mine = {i: load_backbone(jobs[i][1])[2] for i in range(info.rank, len(jobs),
+                                                           info.world_size)}
+    digest = {i: d for part in all_gather_objects(mine) for i, d in part.items()}
+    tasks: dict[tuple[str, str], list] = {}  # (dataset, digest) -> [path, features needed]
+    for i, (ds, path, final) in enumerate(jobs):
+        task = tasks.setdefault((ds, digest[i]), [path, False])
+        task[1] = task[1] or final
+    done: dict[tuple[str, str], tuple[dict, np.ndarray | None]] = {}
+    for k, ((ds, dg), (path, final)) in enumerate(tasks.items()):
+        if k % info.world_size != info.rank:
+            continue
+        model, model_cfg, _ = load_backbone(path, drop_path=ft.drop_path)
+        res, feats = probe_backbone(model, model_cfg, frames[ds], cfg, ft, seed, device)
+        done[(ds, dg)] = (res, feats if final else None)
+        log.info("rank %d probed %s (%d of %d distinct backbones)", info.rank, path, k + 1,
+                 len(tasks))
+    caches: dict[str, dict[str, tuple[dict, np.ndarray | None]]] = {}
+    for part in gather_objects_to_main(done) or []:
+        for (ds, dg), value in part.items():
+            caches.setdefault(ds, {})[dg] = value
+    return caches
+
+
 def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | Path,
               cfg: ProbeParams, ft: FinetuneParams, runs: list[str], seed: int, tracker,
               variants: tuple[str, ...] = VARIANTS,
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None,
+              dist_info: DistInfo | None = None) -> dict:
     """Probe every run of every variant, write JSONs, Figures 3-4 and ``metrics.json``.
+
+    Under torchrun (``dist_info`` with R > 1 processes) the distinct backbones are split
+    across the ranks (:func:`_probe_shared`) and rank 0 assembles, writes and logs; every
+    probe is seeded alone, so the results do not depend on R. Every rank returns the
+    metrics.
 
     Args:
         finetune_dir: ``data/finetune`` (reads ``<variant>/<run>/backbones``).
@@ -494,12 +542,14 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
         runs: ``finetune.runs`` (``<dataset>-<fold>``).
         seed: top-level seed.
         tracker: a ``pipeline.tracking.Tracker`` (metrics per epoch, figures as artifacts).
+        dist_info: this process's place in a torchrun launch; None = one process.
 
     Returns:
         The headline metrics written to ``out_dir/metrics.json``.
     """
     finetune_dir, au_dir_root, out_dir = Path(finetune_dir), Path(au_dir_root), Path(out_dir)
-    dev = _default_device(device)
+    dev = dist_info.device if dist_info is not None and device is None \
+        else _default_device(device)
     for variant in variants:
         for run in runs:
             if not (finetune_dir / variant / run).is_dir():
@@ -507,7 +557,18 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
                                         f"run `dvc repro finetune_{variant}`")
     results: dict[str, dict[str, dict]] = {v: {} for v in variants}
     frames_cache: dict[str, ProbeFrames] = {}
-    probe_cache: dict[str, tuple[dict, np.ndarray]] = {}
+    # One cache per dataset: every dataset's epoch-0 backbone holds the same weights.
+    probe_caches: dict[str, dict[str, tuple[dict, np.ndarray | None]]] = {}
+    if dist_info is not None and dist_info.distributed:
+        for ds in dict.fromkeys(parse_run(run)[0] for run in runs):
+            frames_cache[ds] = load_probe_frames(au_dir_root / ds, cfg, seed)
+        jobs = [(parse_run(run)[0], path, epoch == max(backbones))
+                for run in runs for variant in variants
+                for backbones in [list_backbones(finetune_dir / variant / run)]
+                for epoch, path in backbones.items()]
+        probe_caches = _probe_shared(jobs, frames_cache, cfg, ft, seed, dev, dist_info)
+        if not dist_info.is_main:
+            return broadcast_object(None)  # rank 0's metrics, once it has written them
     for run in runs:
         ds = parse_run(run)[0]
         if ds not in frames_cache:
@@ -518,7 +579,7 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
         final_feats = {}
         for variant in variants:
             res, feats = _probe_run_detail(finetune_dir / variant / run, frames, cfg, ft, seed,
-                                           dev, probe_cache)
+                                           dev, probe_caches.setdefault(ds, {}))
             results[variant][run] = res
             final_feats[variant] = feats
             atomic_write_json(out_dir / variant / f"{run}.json", res)
@@ -543,6 +604,8 @@ def probe_all(finetune_dir: str | Path, au_dir_root: str | Path, out_dir: str | 
     log.info("identity probe done: %s", {
         ds: {v: {p: round(d[v][p]["final"], 1) for p in PROBES} for v in variants if v in d}
         for ds, d in metrics.items()})
+    if dist_info is not None and dist_info.distributed:
+        return broadcast_object(metrics)
     return metrics
 
 

@@ -119,6 +119,27 @@ def test_eval_stream_sees_every_sample_once_with_workers(tmp_path):
     assert len(keys) == len(SUBJECTS) * FRAMES == len(set(keys))
 
 
+@pytest.mark.parametrize("shuffle,workers", [(False, 0), (True, 0), (False, 2), (True, 2)])
+def test_ranks_split_the_samples_disjointly_and_evenly(tmp_path, shuffle, workers):
+    au_dir = make_au_shards(tmp_path)
+    urls = sorted(str(p) for p in au_dir.glob("*.tar"))
+
+    def keys(rank: int, world: int) -> list[str]:
+        ds = AUShardStream(urls, AUS, lambda im: torch.zeros(1), shuffle=shuffle, seed=0,
+                           rank=rank, world_size=world)
+        ds.set_epoch(1)
+        return [k for _, _, _, ks, _ in make_loader(ds, 4, workers, pin=False) for k in ks]
+
+    whole = keys(0, 1)
+    for world in (2, 5):
+        shares = [keys(r, world) for r in range(world)]
+        assert sorted(k for s in shares for k in s) == sorted(whole)  # each sample once
+        sizes = [len(s) for s in shares]
+        assert max(sizes) - min(sizes) <= max(workers, 1)  # one per worker at most
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        AUShardStream(urls, AUS, lambda im: im, rank=2, world_size=2)
+
+
 def test_train_stream_reshuffles_and_maps_labels(tmp_path):
     au_dir = make_au_shards(tmp_path)
     urls = sorted(str(p) for p in au_dir.glob("*.tar"))
@@ -408,3 +429,44 @@ def test_checkpoint_with_nan_weights_is_refused_before_training(tmp_path):
                                          r"\(e\.g\. \['blocks\.0\.attn\.qkv\.weight'\]\)"):
         _run_with(tmp_path, ckpt)
     assert not (tmp_path / "out" / "history.csv").exists()
+
+
+def test_dvc_torchrun_commands_reach_the_stage_unchanged():
+    # torchrun's parser reads abbreviations of its own options anywhere on the line (a bare
+    # --run is an ambiguous --run-path and stops the launch): every torchrun command in
+    # dvc.yaml must hand the stage exactly its arguments, which the stage then accepts.
+    import re
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    launched = {}
+    for name, stage in stages.items():
+        cmd = re.sub(r"\$\{[^}]+\}", "1", stage["cmd"])  # ${item.run} etc.: any plain word
+        words = shlex.split(cmd)
+        if words[:3] != ["python", "-m", "torch.distributed.run"]:
+            continue
+        args = get_args_parser().parse_args(words[3:])
+        assert args.module and args.nproc_per_node == "1", name
+        script = words.index(args.training_script)
+        assert args.training_script_args == words[script + 1:], name
+        launched[name] = args.training_script
+    assert {launched[s] for s in ("finetune_fmae", "finetune_iat", "finetune_sweep_lambda",
+                                  "finetune_sweep_depth")} == {"stages.finetune"}
+    assert launched["probe"] == "stages.probe"
+
+
+def test_stage_refuses_a_launch_with_another_process_count(monkeypatch):
+    spec = importlib.util.spec_from_file_location("stage_finetune", REPO / "stages" / "finetune.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    stage._check_world_size(1)  # a plain process is one process
+    with pytest.raises(SystemExit, match="finetune.nproc_per_node is 2 but this launch runs 1"):
+        stage._check_world_size(2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node=2
+    stage._check_world_size(2)
+    with pytest.raises(SystemExit, match="--nproc_per_node=1 -m stages.finetune"):
+        stage._check_world_size(1)

@@ -186,3 +186,24 @@ def test_missing_backbones_and_bad_checkpoint_are_explained(tmp_path):
                run / "backbones" / "epoch_000.pt")
     with pytest.raises(ValueError, match="epoch_000.pt.*do not match"):
         probe_run(run, au, CFG, FT, seed=0, frames=frames)
+
+
+@pytest.mark.slow
+def test_datasets_sharing_a_backbone_are_each_probed_on_their_own_frames(tmp_path):
+    # Every dataset's epoch-0 backbone is the same pretrained encoder: its probe results
+    # must still come from each dataset's frames, not from the first dataset probed.
+    small = ProbeParams(frames_per_subject=10, train_fraction=0.7, epochs=2, warmup_epochs=1,
+                        batch_size=64, tsne_subjects=4, num_workers=0, converged_max_iter=50)
+    runs = ["synthetic-1", "disfa-1"]
+    for run in runs:
+        make_run(tmp_path / "finetune" / "fmae" / run, epochs=(0,))  # identical weights
+    au_root = tmp_path / "au_shards"
+    make_au_shards(au_root / "synthetic", identity=True)
+    make_au_shards(au_root / "disfa", identity=False, seed=1)
+    out = tmp_path / "probe"
+    probe_all(tmp_path / "finetune", au_root, out, small, FT, runs, seed=0,
+              tracker=Tracker(active=False), variants=("fmae",))
+    for run, ds in zip(runs, ("synthetic", "disfa")):
+        alone = probe_run(tmp_path / "finetune" / "fmae" / run, au_root / ds, small, FT, seed=0)
+        assert json.loads((out / "fmae" / f"{run}.json").read_text()) == \
+            json.loads(json.dumps(alone)), run
