@@ -17,7 +17,7 @@ resized by torch's uint8 antialiased bicubic kernel (Pillow's filter) and encode
 libjpeg-turbo (4:2:0, as Pillow); the EXIF transpose is applied to the small result. Every other
 file (PNG, GIF, CMYK, ...) and any JPEG libjpeg-turbo reports an error for takes the Pillow
 path, which is all of codec ``pillow``: Pillow decode, libjpeg DCT-domain downscaling
-(``Image.draft``) for JPEGs when ``draft`` is on, EXIF orientation, conversion of every mode
+(``Image.draft``, 1/2 or 1/4) for JPEGs when ``draft`` is on, EXIF orientation, conversion of every mode
 (CMYK, L/LA, P, I;16/I, RGBA) to 8-bit RGB, **bicubic** resize, JPEG encode. GIFs (also
 animated ones) give their first frame and are counted in ``gif_first_frame`` too. Images that
 cannot be decoded are counted as ``failed`` and skipped; they never fail the stage.
@@ -238,10 +238,11 @@ def process_image(data: bytes, cfg: ShardsParams, max_ratio: Fraction | None = N
                                             colorsubsampling="420")  # Pillow's default
                 return Processed("kept", jpeg=jpeg, width=ow, height=oh, format=fmt)
         if cfg.draft:
-            # libjpeg DCT scaling by 1/2, 1/4 or 1/8 while decoding: Pillow picks the largest
+            # libjpeg DCT scaling by 1/2 or 1/4 while decoding: Pillow picks the largest
             # scale s with w0 // s >= size and h0 // s >= size, so the decoded image is still
-            # at least size x size (no quality lost before the resize). Non-JPEGs ignore it.
-            img.draft("RGB", (size, size))
+            # at least size x size (no quality lost before the resize); asking for at least
+            # a quarter of each side rules out 1/8 (MAX_DCT_SCALE). Non-JPEGs ignore it.
+            img.draft("RGB", (max(size, w0 // MAX_DCT_SCALE), max(size, h0 // MAX_DCT_SCALE)))
         decoded = img.size
         img.load()
         # in place: with no orientation tag this is a no-op instead of a full-size copy
@@ -281,6 +282,10 @@ TURBO_SCALE_MARGIN = 2
 Measured on photo-like JPEGs (benchmarks/bench_shards.py): margin 1 (Pillow's draft rule) gave
 a worst image at 39.4 dB PSNR against the full-resolution resize, margin 2 at 44 dB, for
 ~15-30% more CPU than margin 1."""
+MAX_DCT_SCALE = 4
+"""Largest DCT downscaling used by both codecs. libjpeg's 1/8 (DC coefficients only) put a
+2100x1500 photo-like JPEG resized to 64 px at 30 dB PSNR against the full-resolution resize,
+even with a 3x margin (1/4: 57 dB); entropy decoding dominates the cost anyway."""
 _TURBO_MODULES: dict[str, Any] = {}
 
 
@@ -348,10 +353,12 @@ def resize_square(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def dct_scale(width: int, height: int, size: int) -> int:
-    """Largest s in (1, 2, 4, 8) whose decoded shorter side ceil(min(w, h) / s) is still at
-    least :data:`TURBO_SCALE_MARGIN` x ``size``; 1 when the image is smaller than that."""
+    """Largest s in (1, 2, 4) whose decoded shorter side ceil(min(w, h) / s) is still at
+    least :data:`TURBO_SCALE_MARGIN` x ``size``; 1 when the image is smaller than that.
+
+    Never 8 (:data:`MAX_DCT_SCALE`)."""
     short, target, s = min(width, height), TURBO_SCALE_MARGIN * size, 1
-    while s < 8 and -(-short // (2 * s)) >= target:
+    while s < MAX_DCT_SCALE and -(-short // (2 * s)) >= target:
         s *= 2
     return s
 
@@ -364,7 +371,7 @@ def turbo_pixels(data: bytes, img: Image.Image, size: int, scale: bool,
         data: the JPEG file; ``img``: it opened by Pillow (header only: its stored size).
         size: output side.
         orientation: its EXIF orientation tag (1..8), applied to the result.
-        scale: decode with libjpeg-turbo's DCT scaling by 1/2, 1/4 or 1/8 (:func:`dct_scale`:
+        scale: decode with libjpeg-turbo's DCT scaling by 1/2 or 1/4 (:func:`dct_scale`:
             the shorter side stays >= :data:`TURBO_SCALE_MARGIN` x ``size``). Its other
             factors (3/8, 5/8, ...) are not used: they gave worst-case images 3-4 dB further
             from the full-resolution resize at no speed gain.
@@ -654,14 +661,16 @@ def build_shards(items: Iterable[Any], read: Callable[[Any], bytes], out_dir: st
 
     Raises:
         RuntimeError: no image was kept (nothing to pretrain on); ``stats.json`` is not written.
+            Also ``cfg.codec`` is ``"turbo"`` and simplejpeg or torch is missing: raised
+            before anything in ``out_dir`` is touched.
     """
+    codec = resolve_codec(cfg.codec)  # first: a forced but missing codec fails before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_output(out_dir)
     if removed:
         log.info("removed %d shard/stats/temp files of an earlier run from %s", removed, out_dir)
     workers = resolve_workers(cfg.workers)
-    codec = resolve_codec(cfg.codec)  # before any work: a forced but missing codec fails here
     keys = STAT_KEYS + ((SMALL_KEY,) if cfg.min_side else ())
     log.info("building %dx%d shards in %s: %d worker process(es), codec %s, draft=%s, "
              "quality %d, %d samples per shard, max aspect %.4g, min side %d", cfg.image_size,
