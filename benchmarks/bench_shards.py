@@ -68,7 +68,7 @@ def read_path(item: BenchItem) -> bytes:
 
 
 # --------------------------------------------------------------------------- inputs
-CONTENT_MAX_SIDE = 1024  # larger images: content drawn at this side and upsampled, noise at full size
+CONTENT_MAX_SIDE = 1024  # larger: content drawn at this side and upsampled, noise at full size
 WEB_MEDIAN, WEB_SIGMA, WEB_MIN, WEB_MAX = 400, 0.8, 100, 5000
 
 

@@ -12,12 +12,13 @@ Implements the data preparation of the paper's Section 3.1 ("Face9M", see
 
 Per image (:func:`process_image`), codec ``turbo`` (``shards.codec: auto`` when simplejpeg and
 torch import): RGB/greyscale JPEGs are decoded by libjpeg-turbo (simplejpeg) with DCT-domain
-downscaling at the smallest of its M/8 factors that keeps both sides >= ``image_size``,
-resized by torch's uint8 antialiased bicubic kernel (Pillow's filter) and encoded by
-libjpeg-turbo (4:2:0, as Pillow); the EXIF transpose is applied to the small result. Every other
-file (PNG, GIF, CMYK, ...) and any JPEG libjpeg-turbo reports an error for takes the Pillow
-path, which is all of codec ``pillow``: Pillow decode, libjpeg DCT-domain downscaling
-(``Image.draft``, 1/2 or 1/4) for JPEGs when ``draft`` is on, EXIF orientation, conversion of every mode
+downscaling by 1/2 or 1/4 when ``draft`` is on and the shorter side stays >= 2 x
+``image_size``, resized by torch's uint8 antialiased bicubic kernel (Pillow's filter) and
+encoded by libjpeg-turbo (4:2:0, as Pillow); the EXIF transpose is applied to the small result.
+Every other file (PNG, GIF, CMYK, ...) and any JPEG libjpeg-turbo reports an error for takes
+the Pillow path, which is all of codec ``pillow``: Pillow decode, libjpeg DCT-domain
+downscaling (``Image.draft``, 1/2 or 1/4) for JPEGs when ``draft`` is on, EXIF orientation,
+conversion of every mode
 (CMYK, L/LA, P, I;16/I, RGBA) to 8-bit RGB, **bicubic** resize, JPEG encode. GIFs (also
 animated ones) give their first frame and are counted in ``gif_first_frame`` too. Images that
 cannot be decoded are counted as ``failed`` and skipped; they never fail the stage.
@@ -45,7 +46,9 @@ Output (:func:`build_shards`), the on-disk contract of ``data/shards/``:
 
 Determinism: items are processed in input order (the caller passes sorted items), the tar
 headers are fixed (mtime 0, uid/gid 0, empty user/group names, mode 0444) and the per-image work
-does not depend on the worker count, so shards are byte-identical across runs and worker counts.
+does not depend on the worker count, so shards are byte-identical across runs and worker counts
+(for one codec: ``auto`` picks turbo only where simplejpeg is installed, and the two codecs'
+bytes differ by JPEG rounding; the stage logs the codec used to MLflow).
 
 Interruption: every shard is written to a ``.tmp-`` name and renamed when complete, so a killed
 run never leaves a half shard. A re-run **redoes everything**: it first deletes earlier shards,
@@ -126,8 +129,9 @@ class Processed:
     """Result of :func:`process_image`.
 
     ``status`` is ``"kept"`` (``jpeg``, ``width``, ``height`` set), ``"dropped_aspect"`` or
-    ``"dropped_small"`` (``width``, ``height`` set) or ``"failed"`` (``error`` and ``reason`` set: ``"undecodable"``,
-    ``"too large"`` or ``"corrupt archive member"``). ``format`` is Pillow's name of the
+    ``"dropped_small"`` (``width``, ``height`` set) or ``"failed"`` (``error`` and ``reason``
+    set: ``"undecodable"``, ``"too large"`` or ``"corrupt archive member"``). ``format`` is
+    Pillow's name of the
     decoded file format (``"JPEG"``, ``"GIF"``, ...) when the header could be read.
     """
     status: str
@@ -296,8 +300,8 @@ def turbo_missing() -> str | None:
     antialiased resize). Importing them here, in the parent, before the worker pool forks also
     spares every worker the import.
     """
-    if "simplejpeg" not in _TURBO_MODULES:
-        for name in ("simplejpeg", "torch"):
+    for name in ("simplejpeg", "torch"):
+        if name not in _TURBO_MODULES:
             try:
                 _TURBO_MODULES[name] = __import__(name)
             except ImportError as e:
