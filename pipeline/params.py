@@ -112,6 +112,12 @@ class ShardsParams:
     samples_per_shard: int = F(256, 1, 10_000_000)
     workers: int = F(0, 0, 1024, doc="decode processes; 0 = all cores")
     draft: bool = F(True, doc="JPEG DCT-domain downscaling while decoding (libjpeg draft)")
+    codec: str = F("auto", choices=("auto", "turbo", "pillow"),
+                   doc="JPEG decode/resize/encode: turbo = simplejpeg (libjpeg-turbo, M/8 DCT "
+                       "scaling) + torch's uint8 resize; pillow = Pillow only; auto = turbo "
+                       "when importable, else pillow")
+    min_side: int = F(0, 0, 1_000_000, doc="drop images whose shorter side is below this "
+                                           "(reference: 224); 0 = off")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@
 
 Reads every source in ``download.sources`` (in sorted name order, each source's items in the
 sorted order of ``pipeline.sources.iter_items``), drops images whose aspect ratio exceeds
-``shards.max_aspect_ratio``, resizes the rest to ``shards.image_size`` and writes
+``shards.max_aspect_ratio`` or whose shorter side is below ``shards.min_side`` (0 = off),
+resizes the rest to ``shards.image_size`` (``shards.codec``: libjpeg-turbo via simplejpeg, or
+Pillow) and writes
 ``<out>/face-%06d.tar`` and ``<out>/stats.json`` (docs/design.md, shards contract). The
 per-source counts (the Face9M composition table) and the throughput go to MLflow;
 ``--stats`` writes a copy of ``stats.json`` outside ``<out>`` for ``dvc.yaml``'s ``metrics:``
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from pipeline.io import atomic_write_json, setup_logging
 from pipeline.params import load_params, to_dict
-from pipeline.shards import STATS_FILE, build_shards
+from pipeline.shards import STATS_FILE, build_shards, resolve_codec
 from pipeline.tracking import start_run
 
 log = logging.getLogger("stages.shards")
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     names = sorted(params.download.sources)
     items = itertools.chain.from_iterable(
         sources.iter_items(name, args.download / name) for name in names)
-    logged = {"shards": to_dict(params.shards), "download": {"sources": names}}
+    # the codec actually used (auto -> turbo or pillow): the shards' bytes depend on it
+    logged = {"shards": to_dict(params.shards), "download": {"sources": names},
+              "codec_used": resolve_codec(params.shards.codec)}
     with start_run("shards", logged) as tracker:
         t0 = time.perf_counter()
         stats = build_shards(items, sources.read_item, args.out, params.shards,

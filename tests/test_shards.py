@@ -342,3 +342,196 @@ def test_nothing_kept_raises_without_stats(tmp_path):
     with pytest.raises(RuntimeError, match="no image was kept"):
         build_shards(items, read_file, tmp_path / "out", cfg(), progress=False)
     assert not (tmp_path / "out" / "stats.json").exists()
+
+
+# --------------------------------------------------------------------------- turbo codec
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Photo-like content (gradient, shapes, sensor noise): realistic high frequencies, so
+    a wrong decoder scale or resize filter shows in the PSNR."""
+    img = smooth(w, h, seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        x0, y0 = rng.uniform(0, 0.8, 2) * (w, h)
+        x1, y1 = (x0, y0) + rng.uniform(0.1, 0.4, 2) * (w, h)
+        img.paste(tuple(int(v) for v in rng.integers(0, 256, 3)),
+                  (int(x0), int(y0), int(x1), int(y1)))
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(float) - b.astype(float)) ** 2).mean()
+    return 99.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.fixture
+def turbo_calls(monkeypatch):
+    """Counts simplejpeg.decode_jpeg calls: proves which path an image took."""
+    shards = pytest.importorskip("pipeline.shards")
+    sj = pytest.importorskip("simplejpeg")
+    assert shards.resolve_codec("turbo") == "turbo"
+    calls = []
+    real = sj.decode_jpeg
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(sj, "decode_jpeg", spy)
+    return calls
+
+
+@pytest.mark.parametrize("w,h,mode", [(90, 70, "RGB"), (300, 260, "RGB"), (700, 900, "RGB"),
+                                      (2100, 1500, "RGB"), (500, 400, "L")])
+def test_turbo_matches_full_resolution_pillow_resize(w, h, mode, turbo_calls):
+    # The reference is the naive result: Pillow, no draft, bicubic from the full image.
+    data = encode(photo(w, h, seed=w).convert(mode), quality=90)
+    fast = process_image(data, cfg(image_size=64), codec="turbo")
+    ref = process_image(data, cfg(image_size=64, draft=False), codec="pillow")
+    assert len(turbo_calls) == 1  # decoded by libjpeg-turbo, no fallback
+    from pipeline.shards import dct_scale
+    s = dct_scale(w, h, 64)
+    assert turbo_calls[0]["min_width"] == -(-w // s) and turbo_calls[0]["min_height"] == -(-h // s)
+    assert fast.status == ref.status == "kept"
+    assert (fast.width, fast.height) == (w, h) and fast.format == "JPEG"
+    a, b = decode(fast.jpeg), decode(ref.jpeg)
+    assert a.shape == (64, 64, 3)
+    assert psnr(a, b) >= 40, (w, h, psnr(a, b))
+    if mode == "L":
+        assert np.abs(a[..., 0] - a[..., 2]).max() <= 2  # grey stays grey
+
+
+def test_turbo_dct_scale_keeps_twice_the_output_side():
+    from pipeline.shards import TURBO_SCALE_MARGIN, dct_scale
+    assert TURBO_SCALE_MARGIN == 2
+    assert dct_scale(447, 1000, 224) == 1      # 447 < 2 x 224
+    assert dct_scale(896, 896, 224) == 2       # 448 >= 448
+    assert dct_scale(1789, 1789, 224) == 4     # ceil(1789 / 4) = 448 >= 448
+    assert dct_scale(1788, 1788, 224) == 2     # ceil(1788 / 4) = 447
+    assert dct_scale(20000, 20000, 224) == 4   # never 1/8 (DC only: blocky)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_turbo_applies_every_exif_orientation_like_pillow(orientation, turbo_calls):
+    img = Image.new("RGB", (60, 40), (255, 0, 0))  # red, with a green and a blue corner
+    img.paste((0, 255, 0), (0, 0, 20, 15))
+    img.paste((0, 0, 255), (40, 25, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, exif=exif, quality=95)
+    fast = process_image(data, cfg(), codec="turbo")
+    ref = process_image(data, cfg(), codec="pillow")
+    assert len(turbo_calls) == 1
+    assert (fast.width, fast.height) == (ref.width, ref.height)
+    assert (fast.width, fast.height) == ((40, 60) if orientation >= 5 else (60, 40))
+    assert np.abs(decode(fast.jpeg) - decode(ref.jpeg)).mean() < 3
+
+
+def test_turbo_leaves_odd_files_to_pillow(turbo_calls):
+    odd = {"cmyk": encode(halves(40, 40, (0, 255, 255, 0), (0, 0, 0, 255), mode="CMYK")),
+           "png": encode(photo(40, 40), "PNG"),
+           "gif": animated_gif([(255, 0, 0), (0, 255, 0)])}
+    for name, data in odd.items():
+        fast = process_image(data, cfg(), codec="turbo")
+        ref = process_image(data, cfg(), codec="pillow")
+        assert fast == ref, name  # same path, same bytes
+    assert turbo_calls == []  # none of them reached libjpeg-turbo
+
+
+def test_turbo_damaged_jpegs_behave_as_with_pillow(turbo_calls):
+    whole = encode(photo(128, 128), quality=90)
+    for data in (whole[: len(whole) // 2],                              # truncated
+                 whole[:400] + bytes(200) + whole[600:],                  # corrupt scan data
+                 b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4):            # not a real JPEG
+        fast = process_image(data, cfg(), codec="turbo")
+        ref = process_image(data, cfg(), codec="pillow")
+        assert fast.status == ref.status and fast.reason == ref.reason
+        if ref.status == "kept":  # libjpeg-turbo refused (strict); Pillow decoded it
+            assert fast.jpeg == ref.jpeg
+
+
+def test_codec_forced_but_missing_fails_before_any_work(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from pipeline import shards
+    monkeypatch.setattr(shards, "_TURBO_MODULES", {})
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg -> ImportError
+    with pytest.raises(RuntimeError, match=r"shards.codec is 'turbo' but simplejpeg is not "
+                                           r"importable.*pip install simplejpeg"):
+        shards.resolve_codec("turbo")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text("{}")  # an earlier run's output must survive
+    items = write_items(tmp_path, [("s", "a", encode(photo(40, 40)))])
+    with pytest.raises(RuntimeError, match="shards.codec is 'turbo'"):
+        build_shards(items, read_file, out, cfg(codec="turbo"), progress=False)
+    assert (out / "stats.json").read_text() == "{}"
+    # auto falls back to Pillow, says so, and still builds the shards
+    with caplog.at_level(logging.WARNING, logger="pipeline.shards"):
+        assert shards.resolve_codec("auto") == "pillow"
+        stats = build_shards(items, read_file, out, cfg(codec="auto"), progress=False)
+    assert "using Pillow" in caplog.text and stats["total"]["kept"] == 1
+    assert shards.resolve_codec("pillow") == "pillow"
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("codec", "fast", "shards.codec: 'fast' is not one of"),
+    ("codec", 1, "shards.codec"),
+    ("min_side", -1, "shards.min_side: -1 is out of range"),
+    ("min_side", 22.5, "shards.min_side: expected an integer"),
+])
+def test_codec_and_min_side_params_validated(tmp_path, key, value, msg):
+    import yaml
+
+    from pipeline.params import ParamsError, load_params
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    data["shards"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=msg.replace(".", r"\.")):
+        load_params(path)
+    assert load_params(root / "configs" / "paper.yaml").shards.min_side == 224
+
+
+def test_turbo_shards_match_pillow_shards(tmp_path, turbo_calls):
+    specs = [("s", f"k{i}", encode(photo(w, h, seed=i), quality=85))
+             for i, (w, h) in enumerate([(100, 80), (400, 300), (1000, 800), (260, 300)])]
+    specs.append(("s", "png", encode(photo(50, 60), "PNG")))
+    items = write_items(tmp_path, specs)
+    runs = {}
+    for codec in ("turbo", "pillow"):
+        out = tmp_path / codec
+        stats = build_shards(items, read_file, out, cfg(codec=codec, image_size=48, workers=2),
+                             progress=False)
+        runs[codec] = (stats, [s for p in sorted(out.glob("face-*.tar")) for s in read_shard(p)])
+    assert runs["turbo"][0] == runs["pillow"][0]
+    for (k1, j1, m1), (k2, j2, m2) in zip(runs["turbo"][1], runs["pillow"][1], strict=True):
+        assert (k1, m1) == (k2, m2)
+        assert psnr(decode(j1), decode(j2)) >= 38
+
+
+# --------------------------------------------------------------------------- min_side
+@pytest.mark.parametrize("codec", ["turbo", "pillow"])
+def test_min_side_drops_small_images_and_counts_them(tmp_path, codec):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    specs = [("s", "tiny", encode(photo(40, 30))),            # shorter side 30 < 32: dropped
+             ("s", "edge", encode(photo(40, 32))),            # exactly 32: kept
+             ("s", "rot", encode(photo(40, 31), exif=exif)),  # rotated, 31 < 32: dropped
+             ("s", "png", encode(photo(31, 33), "PNG")),      # any format: dropped
+             ("s", "both", encode(photo(20, 60))),            # aspect first: dropped_aspect
+             ("t", "big", encode(photo(64, 48)))]
+    items = write_items(tmp_path, specs)
+    stats = build_shards(items, read_file, tmp_path / "out", cfg(min_side=32, codec=codec),
+                         progress=False)
+    assert stats["sources"]["s"] == {"seen": 5, "kept": 1, "dropped_aspect": 1, "failed": 0,
+                                     "gif_first_frame": 0, "dropped_small": 3}
+    assert stats["total"]["dropped_small"] == 3 and stats["total"]["kept"] == 2
+    keys = [m["key"] for p in sorted((tmp_path / "out").glob("face-*.tar"))
+            for _, _, m in read_shard(p)]
+    assert keys == ["edge", "big"]
+    res = process_image(encode(photo(40, 31), exif=exif), cfg(min_side=32, codec=codec))
+    assert res.status == "dropped_small" and (res.width, res.height) == (31, 40)
+    # off (0, the default): nothing dropped for size, and no dropped_small key in the stats
+    stats = build_shards(items, read_file, tmp_path / "out0", cfg(codec=codec), progress=False)
+    assert stats["total"]["kept"] == 5 and "dropped_small" not in stats["total"]
