@@ -19,11 +19,9 @@ top-1, per-class accuracy, macro F1, confusion matrix), ``history.csv``,
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ from pipeline.fer_metrics import fer_report, plot_confusion, write_confusion_csv
 from pipeline.finetune import (SHUFFLE_BUFFER, _interleave, _load_checkpoint,
                                _shuffle_buffer, _tar_samples, autocast_dtype, build_transforms,
                                param_groups_lrd)
-from pipeline.io import (atomic_path, atomic_write_json, atomic_write_text,
+from pipeline.io import (atomic_path, atomic_write_csv_rows, atomic_write_json,
                          remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import load_pretrained_encoder
 from pipeline.models.vit import build_vit
@@ -212,14 +210,7 @@ def predictions_table(pred: dict, classes: list[str], epoch: int):
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore",
-                       lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv_rows(path, rows, HISTORY_COLUMNS)
 
 
 def _best(epochs: list[dict]) -> dict:

@@ -28,7 +28,6 @@ and the pretrained checkpoint are checked before any training.
 """
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -51,7 +50,7 @@ from pipeline.au_export import MODEL_NAME as MODEL_FILE
 from pipeline.au_export import describe_eval_transform, save_au_model
 from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
                                   lockstep, single_process_info, unwrap, wrap_ddp)
-from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text,
+from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_csv_rows, atomic_write_json,
                          remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
 from pipeline.models.mae import check_finite_weights, encoder_geometry, load_checkpoint
@@ -520,14 +519,7 @@ def _predictions_table(pred: dict, epoch: int, aus: list[int]):
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore",
-                       lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv_rows(path, rows, HISTORY_COLUMNS)
 
 
 def save_backbone(model: AUModel, path: Path, config: dict) -> None:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 log = logging.getLogger("pipeline")
 _UMASK = os.umask(0)
@@ -155,6 +155,21 @@ def human_bytes(n: float) -> str:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv_rows(path: str | Path, rows: list[dict], columns: Sequence[str]) -> None:
+    """A CSV with ``columns`` (keys not among them ignored), non-finite floats as empty cells
+    (per-epoch histories: a metric not measured in an epoch)."""
+    import csv
+    import io
+    import math
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

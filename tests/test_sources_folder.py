@@ -125,7 +125,9 @@ def test_one_wrapper_folder_is_warned_about(tmp_path, caplog):
 def _stage_params(tmp_path: Path) -> Path:
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"download": {"sources": ["folder"],
-                                              "au_datasets": ["synthetic"]},
+                                              "au_datasets": ["synthetic"],
+                                              "fer_datasets": []},
+                                 "finetune_fer": {"datasets": []},
                                  "shards": {"image_size": 32, "workers": 1,
                                             "samples_per_shard": 4}}))
     return p
