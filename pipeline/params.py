@@ -175,7 +175,7 @@ class PretrainParams:
     decoder_heads: int = F(4, 1, 64)
     mask_ratio: float = F(0.75, 0.0, 1.0, hi_open=True)
     norm_pix_loss: bool = F(True)
-    epochs: int = F(40, 1, 10000)
+    epochs: int = F(36, 1, 10000)
     warmup_epochs: int = F(2, 0, 10000)
     steps_per_epoch: int = F(0, 0, doc="0 = shard samples / global batch")
     batch_size: int = F(64, 1, 65536, doc="per-process batch")
@@ -184,7 +184,7 @@ class PretrainParams:
     min_lr: float = F(0.0, 0.0, 1.0)
     weight_decay: float = F(0.05, 0.0, 1.0)
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
-    num_workers: int = F(2, 0, 256)
+    num_workers: int = F(0, 0, 256)
     nproc_per_node: int = F(1, 1, 1024, doc="processes (GPUs) torchrun starts on this machine")
     save_every: int = F(1, 1, 10000, doc="resume checkpoint interval in epochs")
     log_every: int = F(10, 1, 100000, doc="steps between MLflow loss points")
@@ -241,7 +241,7 @@ class FinetuneParams:
                             doc="BP4D 9 = not coded: masked out, or counted as absent")
     val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,
                             doc="share of training subjects held out for honest selection")
-    save_backbone_epochs: list = F([0, 1, 4, 8],
+    save_backbone_epochs: list = F([0, 1, 8],
                                    doc="epochs whose backbone the identity probe reads")
     amp: str = F("auto", choices=("auto", "bf16", "fp16", "off"))
     num_workers: int = F(0, 0, 256)
