@@ -587,7 +587,7 @@ def _encode(rec: AuRecord, size: int, quality: int) -> bytes | None:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> None:
+def write_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> None:
     """Write ``(key, jpg, json)`` samples to ``path`` atomically (temp file + rename)."""
     with atomic_path(path, suffix=".tar") as tmp:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
@@ -612,7 +612,7 @@ def _build_subject(dataset: str, root: str, subject: str, out_dir: str, cfg: AuS
 
     def flush() -> None:
         name = f"{subject}-{len(shards):06d}.tar"
-        _write_tar(Path(out_dir) / name, buf)
+        write_tar(Path(out_dir) / name, buf)
         shards.append(name)
         buf.clear()
 

@@ -35,14 +35,14 @@ import json
 import logging
 import random
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from PIL import Image, ImageOps
 
-from pipeline.io import atomic_path, atomic_write_json, read_json
+from pipeline.au_data import write_tar
+from pipeline.io import atomic_write_json, read_json
 from pipeline.params import FER_DATASETS, FerShardsParams
 
 log = logging.getLogger(__name__)
@@ -289,22 +289,6 @@ def prepare_fer_sources(names: Iterable[str], out_dir: str | Path, synthetic_cfg
 
 
 # --------------------------------------------------------------------------- shards
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    ti = tarfile.TarInfo(name)  # fixed metadata: the same samples give the same bytes
-    ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    tf.addfile(ti, io.BytesIO(data))
-
-
-def _write_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> None:
-    with atomic_path(path, suffix=".tar") as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
-            for key, jpg, js in samples:
-                _tar_add(tf, f"{key}.jpg", jpg)
-                _tar_add(tf, f"{key}.json", js)
-
-
 def _load(path: Path) -> Image.Image | None:
     """RGB image upright (EXIF), or None when unreadable."""
     try:
@@ -369,7 +353,7 @@ def build_fer_shards(dataset: str, root: Path, out_dir: Path, cfg: FerShardsPara
         def flush() -> None:
             if batch:
                 name = f"{split}-{len(shards):05d}.tar"
-                _write_tar(out_dir / name, batch)
+                write_tar(out_dir / name, batch)
                 shards.append(name)
                 batch.clear()
 
