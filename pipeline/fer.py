@@ -22,23 +22,21 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.fer_data import read_fer_meta
 from pipeline.fer_metrics import fer_report, plot_confusion, write_confusion_csv
-from pipeline.finetune import (SHUFFLE_BUFFER, _interleave, _load_checkpoint,
-                               _shuffle_buffer, _tar_samples, autocast_dtype, build_transforms,
-                               param_groups_lrd)
+from pipeline.finetune import (_load_checkpoint, autocast_dtype, build_transforms,
+                               optimizer_step, param_groups_lrd, shard_samples)
 from pipeline.io import (atomic_path, atomic_write_csv_rows, atomic_write_json,
                          remove_stale_temporaries, seed_everything)
 from pipeline.models.au_model import load_pretrained_encoder
@@ -95,17 +93,8 @@ class FerShardStream(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
-            rng = random.Random(f"{self.seed}-{self.epoch}-{wid}")
-            raw: Iterable[dict] = _shuffle_buffer(_interleave(urls[wid::nw], rng),
-                                                  SHUFFLE_BUFFER, rng)
-        else:
-            raw = (s for u in urls[wid::nw] for s in _tar_samples(u))
-        for sample in raw:
+        for sample in shard_samples(self.urls, shuffle=self.shuffle, seed=self.seed,
+                                    epoch=self.epoch):
             yield self._decode(sample)
 
     def _decode(self, sample: dict):
@@ -154,14 +143,7 @@ def train_one_epoch(model: FERModel, loader: DataLoader, optimizer: torch.optim.
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; "
                                      "lower the dataset's finetune_fer blr or set "
                                      "finetune_fer.amp: off")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         b = x.shape[0]
         n += b
         loss_sum += loss.item() * b

@@ -238,6 +238,37 @@ def _shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> I
     yield from buf
 
 
+def shard_samples(urls: list[str], *, shuffle: bool, seed: int, epoch: int) -> Iterator[dict]:
+    """This DataLoader worker's raw samples of ``urls`` (worker w reads shards w, w+n, ...).
+
+    With ``shuffle``, the shard order is reshuffled per epoch (the same on every worker) and
+    the worker's shards are interleaved and passed through a shuffle buffer; otherwise shards
+    are read one after another in file order. One pass over all workers yields every sample
+    exactly once.
+    """
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+    urls = list(urls)
+    if not shuffle:
+        return (s for u in urls[wid::nw] for s in _tar_samples(u))
+    random.Random(f"{seed}-{epoch}").shuffle(urls)  # same on every worker
+    rng = random.Random(f"{seed}-{epoch}-{wid}")
+    return _shuffle_buffer(_interleave(urls[wid::nw], rng), SHUFFLE_BUFFER, rng)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> None:
+    """Backward and one optimizer step (through the GradScaler when training in fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 class AUShardStream(IterableDataset):
     """Samples of AU shards: (image (3, S, S), labels (A,) int64, id int64, key, subject).
 
@@ -282,16 +313,7 @@ class AUShardStream(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)  # same on every worker
-            rng = random.Random(f"{self.seed}-{self.epoch}-{wid}")
-            raw: Iterable[dict] = _shuffle_buffer(_interleave(urls[wid::nw], rng),
-                                                  SHUFFLE_BUFFER, rng)
-        else:
-            raw = (s for u in urls[wid::nw] for s in _tar_samples(u))
+        raw = shard_samples(self.urls, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
         if self.world_size > 1:  # this rank's share, picked before any decoding
             raw = itertools.islice(raw, self.rank, None, self.world_size)
         for sample in raw:
@@ -410,14 +432,7 @@ def train_one_epoch(model: AUModel, loader: DataLoader, optimizer: torch.optim.O
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; "
                                      "lower finetune.blr or set finetune.amp: off")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         b = x.shape[0]
         n_seen += b
         sums["au_loss"] += out["au_loss"].item() * b
