@@ -55,8 +55,9 @@ from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_csv_rows, 
 from pipeline.models.au_model import AUModel, load_pretrained_encoder
 from pipeline.models.mae import check_finite_weights, encoder_geometry, load_checkpoint
 from pipeline.models.vit import build_vit, vit_size
-from pipeline.schedule import lr_at
 from pipeline.params import FinetuneParams
+from pipeline.recipes import recipe_summary
+from pipeline.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -777,6 +778,8 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         "val_selected": M.val_selected_summary(epochs),
         "final_id_loss": history[-1]["id_loss"] if iat else None,
         "convergence_epoch": M.convergence_epoch(epochs),
+        # the protocol this run followed: tables group seed repeats and name each recipe
+        "seed": seed, "recipe": recipe_summary(cfg), "unknown_labels": cfg.unknown_labels,
     }
     if not main:
         barrier()  # rank 0 writes metrics.json below, then joins

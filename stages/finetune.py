@@ -30,9 +30,9 @@ from pathlib import Path
 
 from pipeline.distributed import cleanup_distributed, init_distributed
 from pipeline.finetune import VARIANTS, finetune
-from pipeline.io import atomic_write_json, read_json, setup_logging, write_run_info
+from pipeline.io import setup_logging, write_run_info
 from pipeline.params import load_params, parse_run, to_dict
-from pipeline.recipes import effective_lambda, effective_recipe, recipe_summary
+from pipeline.recipes import effective_lambda, effective_recipe
 from pipeline.tracking import is_rank0, start_run
 
 log = logging.getLogger("stages.finetune")
@@ -110,23 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                      fold=fold, variant=args.variant, lambda_=lam,
                      model_size=params.model_size, patch_size=params.pretrain.patch_size,
                      seed=seed, tracker=tracker, dist_info=info)
-            if is_rank0():
-                record_protocol(args.out / "metrics.json", cfg, seed=seed, tracker=tracker)
     finally:
         cleanup_distributed()
     return 0
-
-
-def record_protocol(metrics_path: Path, cfg, *, seed: int, tracker=None) -> dict:
-    """Add the run's seed, effective recipe (epochs, warmup, blr) and BP4D label handling to
-    its ``metrics.json`` (the lambda is already there), so tables can group repeats by seed
-    and say which recipe each run had."""
-    metrics = read_json(metrics_path)
-    metrics.update(seed=seed, recipe=recipe_summary(cfg), unknown_labels=cfg.unknown_labels)
-    atomic_write_json(metrics_path, metrics)
-    if tracker is not None:
-        tracker.log_artifact(metrics_path)
-    return metrics
 
 
 def _check_world_size(nproc_per_node: int) -> None:

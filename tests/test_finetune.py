@@ -185,7 +185,9 @@ def _check_outputs(out: Path, variant: str, n_epochs: int, n_test: int, with_val
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) == {"dataset", "fold", "variant", "lambda", "id_head_depth", "aus", "final",
                       "paper_protocol", "val_selected", "final_id_loss", "convergence_epoch",
-                      "id_loss", "id_classes", "id_head_init", "n_id_classes"}
+                      "id_loss", "id_classes", "id_head_init", "n_id_classes",
+                      "seed", "recipe", "unknown_labels"}
+    assert m["seed"] == 0 and m["recipe"]["epochs"] == n_epochs
     assert m["variant"] == variant and m["aus"] == AUS and m["dataset"] == "synthetic"
     assert set(m["final"]) == {"f1_mean", "auc_mean", "f1", "auc", "epoch"}
     assert m["final"]["epoch"] == n_epochs and set(m["final"]["f1"]) == {"AU1", "AU2", "AU4"}
