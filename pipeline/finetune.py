@@ -52,7 +52,7 @@ from pipeline.distributed import (DistInfo, all_gather_objects, all_reduce_sum, 
                                   lockstep, single_process_info, unwrap, wrap_ddp)
 from pipeline.io import (atomic_path, atomic_torch_save, atomic_write_csv_rows, atomic_write_json,
                          remove_stale_temporaries, seed_everything)
-from pipeline.models.au_model import AUModel, load_pretrained_encoder
+from pipeline.models.au_model import AUModel, init_au_head_prior, load_pretrained_encoder
 from pipeline.models.mae import check_finite_weights, encoder_geometry, load_checkpoint
 from pipeline.models.vit import build_vit, vit_size
 from pipeline.params import FinetuneParams
@@ -82,6 +82,19 @@ def fold_split(au_dir: Path, fold: int, split: str, *, val_fraction: float, seed
     """
     from pipeline.au_data import fold_shards
     return fold_shards(au_dir, fold, split, val_fraction=val_fraction, seed=seed)
+
+
+def train_base_rates(au_dir: Path, subjects: list[str], aus: list[int], *,
+                     unknown_as_negative: bool) -> list[float | None]:
+    """(A,) positive rate of each AU over the training subjects' labels, as the loss sees
+    them: not-coded labels left out (mask) or counted as absent (negative); ``None`` for an
+    AU never coded in training."""
+    from pipeline.au_data import load_index
+    index = load_index(au_dir)
+    lab = index.loc[index["subject"].isin(subjects), [f"AU{a}" for a in aus]].to_numpy(np.int8)
+    pos = (lab == 1).sum(0)
+    n = np.full(len(aus), len(lab)) if unknown_as_negative else (lab >= 0).sum(0)
+    return [float(p / k) if k else None for p, k in zip(pos, n)]
 
 
 def read_au_meta(au_dir: Path, dataset: str, fold: int) -> dict:
@@ -663,6 +676,11 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         load_pretrained_encoder(model, state)
     except ValueError as e:
         raise ValueError(f"{pretrained}: {e}") from e
+    if cfg.au_head_init == "prior":
+        rates = train_base_rates(au_dir, train_subjects, aus, unknown_as_negative=neg)
+        init_au_head_prior(model.au_head, rates)
+        log.info("AU head bias at the training base rates: %s", ", ".join(
+            f"AU{a} {r:.3f}" if r is not None else f"AU{a} -" for a, r in zip(aus, rates)))
     model.to(device)
     backbone_config = {"model_size": model_size, "img_size": cfg.image_size,
                        "patch_size": patch_size, "global_pool": "avg",
@@ -771,6 +789,7 @@ def finetune(au_dir: Path, pretrained: Path, out_dir: Path, cfg: FinetuneParams,
         "id_loss": cfg.id_loss if iat else None,
         "id_classes": cfg.id_classes if iat else None,
         "id_head_init": cfg.id_head_init if iat else None,
+        "au_head_init": cfg.au_head_init,
         "n_id_classes": len(subject_ids) if iat else None,
         "aus": aus,
         "final": M.final_summary(epochs),

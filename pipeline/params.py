@@ -237,6 +237,10 @@ class FinetuneParams:
                               "or default weights with the output bias at the class prior "
                               "(CPU default: where the reference's head is after its long "
                               "schedule; configs/paper.yaml uses default)")
+    au_head_init: str = F("prior", choices=("default", "prior"),
+                          doc="AU head output bias: nn.Linear default (reference) or each AU's "
+                              "training base rate (CPU default: the reference's head learns "
+                              "the rates in its first epochs, ~1000 CPU steps do not)")
     unknown_labels: str = F("mask", choices=("mask", "negative"),
                             doc="BP4D 9 = not coded: masked out, or counted as absent")
     val_fraction: float = F(0.0, 0.0, 0.5, hi_open=True,

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.models import vit
 from pipeline.models.au_model import (AUModel, GradientReversal, GradReverse, build_id_head,
+                                      init_au_head_prior,
                                       identity_loss, load_pretrained_encoder,
                                       masked_bce_with_logits)
 
@@ -270,3 +271,22 @@ def test_au_head_matches_the_reference_init():
     assert w.abs().max() < 1e-4  # trunc-normal std 2e-5
     bound = 1 / (32 ** 0.5)  # nn.Linear's default bias: U(-1/sqrt(D), 1/sqrt(D))
     assert b.abs().max() <= bound and b.abs().max() > 1e-3
+
+
+def test_au_prior_init_sets_each_bias_to_the_log_odds_of_its_base_rate():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 4)
+    nn_default = head.bias[3].item()
+    init_au_head_prior(head, [0.2, 0.5, 0.0, None])
+    # log(0.2 / 0.8) = -ln 4; 0.5 -> 0; a rate of 0 is clipped to 1e-3; None keeps the bias
+    assert head.bias[0].item() == pytest.approx(-math.log(4), rel=1e-6)
+    assert head.bias[1].item() == pytest.approx(0.0, abs=1e-7)
+    assert head.bias[2].item() == pytest.approx(math.log(1e-3 / (1 - 1e-3)), rel=1e-5)
+    assert head.bias[3].item() == nn_default
+    # with zero features the BCE of a 20%-positive AU is then the entropy of its base rate
+    y = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        head(torch.zeros(5, 8))[:, 0], y)
+    assert loss.item() == pytest.approx(-(0.2 * math.log(0.2) + 0.8 * math.log(0.8)), rel=1e-5)
+    with pytest.raises(ValueError, match="3 rates for 4 AUs"):
+        init_au_head_prior(head, [0.1, 0.2, 0.3])

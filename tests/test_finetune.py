@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from pipeline.finetune import (AUShardStream, finetune, make_loader, param_groups_lrd,
+                               train_base_rates,
                                read_au_meta)
 from pipeline.models import vit
 from pipeline.models.au_model import AUModel
@@ -185,7 +186,7 @@ def _check_outputs(out: Path, variant: str, n_epochs: int, n_test: int, with_val
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) == {"dataset", "fold", "variant", "lambda", "id_head_depth", "aus", "final",
                       "paper_protocol", "val_selected", "final_id_loss", "convergence_epoch",
-                      "id_loss", "id_classes", "id_head_init", "n_id_classes",
+                      "id_loss", "id_classes", "id_head_init", "au_head_init", "n_id_classes",
                       "seed", "recipe", "unknown_labels"}
     assert m["seed"] == 0 and m["recipe"]["epochs"] == n_epochs
     assert m["variant"] == variant and m["aus"] == AUS and m["dataset"] == "synthetic"
@@ -472,3 +473,23 @@ def test_stage_refuses_a_launch_with_another_process_count(monkeypatch):
     stage._check_world_size(2)
     with pytest.raises(SystemExit, match="--nproc_per_node=1 -m stages.finetune"):
         stage._check_world_size(1)
+
+
+def test_train_base_rates_follow_the_loss_label_handling(tmp_path):
+    """The AU prior init's rates: over the training subjects only, with not-coded labels
+    left out (mask) or counted as absent (negative), counted here from the index by hand."""
+    au_dir = make_au_shards(tmp_path)
+    index = pd.read_parquet(au_dir / "index.parquet")
+    train = SUBJECTS[:2]
+    rows = index[index["subject"].isin(train)]
+    for negative in (False, True):
+        rates = train_base_rates(au_dir, train, AUS, unknown_as_negative=negative)
+        for a, r in zip(AUS, rates):
+            col = rows[f"AU{a}"].tolist()
+            n = len(col) if negative else sum(v >= 0 for v in col)
+            assert r == pytest.approx(sum(v == 1 for v in col) / n)
+    # AU1 is coded in every frame, alternating 0/1: both handlings agree on one half
+    assert train_base_rates(au_dir, train, AUS, unknown_as_negative=True)[0] == 0.5
+    # the test subjects' labels are not read
+    other = train_base_rates(au_dir, SUBJECTS[2:], AUS, unknown_as_negative=False)
+    assert other != train_base_rates(au_dir, train, AUS, unknown_as_negative=False)

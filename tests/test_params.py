@@ -140,6 +140,7 @@ def test_paper_profile_keeps_the_paper_finetuning_recipe():
     assert f.id_head_depth == 1 and load_params(ROOT / "configs" / "paper.yaml").probe.frames_per_subject == 100
     # the reference's identity branch and the authors' probe schedule
     assert (f.id_loss, f.id_classes, f.id_head_init) == ("bce", "dataset", "default")
+    assert f.au_head_init == "default"  # the reference's AU head bias
     probe = load_params(ROOT / "configs" / "paper.yaml").probe
     assert (probe.epochs, probe.warmup_epochs, probe.train_fraction) == (20, 2, 0.7)
 

@@ -29,6 +29,12 @@ The identity branch follows the authors' code by default (method.md section 3):
   loss of 0.152, Table 7), on a ~1000-step CPU run it stays near logit 0 (loss ~0.7) and the
   backbone receives a reversed gradient that is mostly this prior error, not identity.
 
+The AU head's bias can start at each AU's training base rate instead
+(:func:`init_au_head_prior`, ``finetune.au_head_init: prior``, the CPU default) for the same
+reason: AdamW moves the bias by about lr per step, so the reference's head spends its first
+epochs learning the base rates (logit ~-1.4 for 20% positives) while the backbone is pushed
+to add one shared offset to every frame's features; ~1000 CPU steps end before that is done.
+
 The MLP ID heads of Table 7 follow the authors' ablation branch: hidden widths D/2 (and D/4)
 with GELU.
 
@@ -39,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +130,24 @@ def build_id_head(dim: int, n_ids: int, depth: int = 1, init: str = "default") -
     elif init == "prior":
         nn.init.constant_(layers[-1].bias, -math.log(max(n_ids - 1, 1)))
     return layers[0] if depth == 1 else nn.Sequential(*layers)
+
+
+def init_au_head_prior(head: nn.Linear, rates: Sequence[float | None]) -> None:
+    """Set the AU head's output bias to the log-odds of each AU's training base rate.
+
+    Args:
+        head: ``Linear(D, A)``, the AU head.
+        rates: (A,) positive rate of each AU over the training labels it is trained on;
+            ``None`` (never coded) keeps that AU's bias. Rates are clipped to [1e-3, 1 - 1e-3]
+            so an AU that never (or always) occurs gets a finite bias.
+    """
+    if len(rates) != head.out_features:
+        raise ValueError(f"init_au_head_prior: {len(rates)} rates for {head.out_features} AUs")
+    with torch.no_grad():
+        for j, r in enumerate(rates):
+            if r is not None:
+                p = min(max(float(r), 1e-3), 1.0 - 1e-3)
+                head.bias[j] = math.log(p / (1.0 - p))
 
 
 def identity_loss(logits: torch.Tensor, ids: torch.Tensor, kind: str = "bce") -> torch.Tensor:
