@@ -218,7 +218,8 @@ UNKNOWN_LABEL_TEXT = {
 
 def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult],
                    unknown_labels: str | None = None) -> list[str]:
-    """Seeds, per-variant recipes and BP4D-style unknown-label handling of a dataset's runs,
+    """Seeds, per-variant recipes, head inits other than the reference's and BP4D-style
+    unknown-label handling of a dataset's runs,
     from their metrics.json (label handling: ``unknown_labels`` where a run does not say;
     recipes of runs written before metrics.json recorded them are left out)."""
     notes = []
@@ -234,6 +235,15 @@ def protocol_notes(ds: str, fmae: list[RunResult], iat: list[RunResult],
             notes.append(f"{VARIANT_NAMES[v]} recipe: " + "; ".join(
                 f"{d['epochs']} epochs ({d['warmup_epochs']} warmup), blr {d['blr']:g}"
                 for d in map(dict, sorted(recipes))) + ".")
+    au_inits = {r.metrics.get("au_head_init") for r in fmae + iat} - {None, "default"}
+    if au_inits:
+        notes.append("AU head: output bias started at each AU's training base rate "
+                     "(finetune.au_head_init: prior; the reference uses nn.Linear's init).")
+    id_inits = {r.metrics.get("id_head_init") for r in iat} - {None, "default"}
+    if id_inits:
+        notes.append(f"ID head init: {', '.join(sorted(id_inits))} (finetune.id_head_init; "
+                     "prior = output bias at the class prior; the reference uses nn.Linear's "
+                     "init).")
     handling = {r.metrics.get("unknown_labels", unknown_labels) for r in fmae + iat} - {None}
     if ds != "disfa" and handling:
         notes.append("Not-coded AU labels (BP4D's 9): " + "; ".join(

@@ -323,3 +323,24 @@ def test_single_seed_shows_no_std(built):
     assert not re.search(r"Seeds \d", md) and "_std" not in json.dumps(built["metrics"])
     # runs without "unknown_labels" in metrics.json: the params' handling is noted
     assert "Not-coded AU labels (BP4D's 9): masked out of loss and metrics" in md
+
+
+def test_protocol_notes_name_head_inits_that_are_not_the_references():
+    from pathlib import Path
+
+    from pipeline.runs import RunResult
+    from pipeline.tables import protocol_notes
+
+    def run(variant, **m):
+        return RunResult(run="synthetic-1", dataset="synthetic", fold=1, variant=variant,
+                         path=Path("."), metrics=m, history=None)
+
+    reference = protocol_notes("synthetic", [run("fmae", au_head_init="default")],
+                               [run("iat", au_head_init="default", id_head_init="default")])
+    assert not any("head" in n for n in reference)
+    cpu = protocol_notes("synthetic", [run("fmae", au_head_init="prior")],
+                         [run("iat", au_head_init="prior", id_head_init="prior")])
+    assert any("AU head" in n and "au_head_init: prior" in n for n in cpu)
+    assert any(n.startswith("ID head init: prior (finetune.id_head_init") for n in cpu)
+    # runs written before the key existed say nothing about it
+    assert not any("head" in n for n in protocol_notes("synthetic", [run("fmae")], []))
