@@ -56,7 +56,7 @@ from pipeline.params import SyntheticFerParams, SyntheticParams
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # The 15 AUs drawn by the renderer, in BP4D column order (the 12 BP4D AUs plus DISFA's 9, 25, 26).
 AUS: tuple[int, ...] = (1, 2, 4, 6, 7, 9, 10, 12, 14, 15, 17, 23, 24, 25, 26)
@@ -540,7 +540,7 @@ def _draw_eye(c: _Canvas, tr: FaceTraits, side: int, aus: Mapping[int, float]) -
     ex, ey, rx, ry = side * tr.eye_dx, tr.eye_y, tr.eye_rx, tr.eye_ry
     a6, a7, a4 = (_au(aus, k) for k in (6, 7, 4))
     upper = 0.08 + 0.45 * a7 + 0.25 * a4
-    lower = 0.05 + 0.4 * a6 + 0.4 * a7
+    lower = 0.05 + 0.4 * a6 + 0.5 * a7
     shut = upper + lower  # never fully closed: the eye stays a visible slit (AU43 is not drawn)
     if shut > 0.75:
         upper, lower = upper * 0.75 / shut, lower * 0.75 / shut
@@ -567,8 +567,8 @@ def _draw_eye(c: _Canvas, tr: FaceTraits, side: int, aus: Mapping[int, float]) -
                    [ey + k * 0.025, ey + k * 0.045], col, 0.02)
         c.line(ex + x * 0.8, ey + ry + 0.03 - 0.01 * q, col, 0.02)
     if a7 > 0:  # tightened lower lid: a tense line just below the aperture
-        c.line(ex + x[inside] * 0.9, lid_b[inside] + 0.016,
-               _shadow(tr.skin, 1.0 * a7), 0.034)
+        c.line(ex + x[inside] * 0.9, lid_b[inside] + 0.018,
+               _shadow(tr.skin, 1.0 * a7), 0.05)
 
 
 def _draw_brows(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
@@ -603,7 +603,7 @@ def _draw_brows(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
     if a4 > 0:  # vertical glabella furrows between the lowered brows
         col = _shadow(tr.skin, 0.9 * a4)
         for s in (-1, 1):
-            c.line([s * 0.035, s * 0.024], [by - 0.05, by + 0.09], col, 0.035)
+            c.line([s * 0.035, s * 0.024], [by - 0.06, by + 0.1], col, 0.05)
 
 
 def _draw_nose(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
@@ -624,20 +624,20 @@ def _draw_nose(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float]) -> None:
         col = _shadow(tr.skin, 0.9 * a9)
         for dy in (0.035, 0.075, 0.115):
             x = np.linspace(-tr.nose_w * 1.1, tr.nose_w * 1.1, 5)
-            c.line(x, tr.eye_y + dy - 0.012 * (1 - (x / tr.nose_w) ** 2), col, 0.036)
+            c.line(x, tr.eye_y + dy - 0.012 * (1 - (x / tr.nose_w) ** 2), col, 0.045)
 
 
 def _draw_mouth(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float], jaw_drop: float) -> None:
     """Mouth from three curves over x in [-w, w]: the lip junction, the inner edges of the
     upper and lower lip (apart when AU10/25/26 open the mouth) and the outer lip edges."""
     a = {k: _au(aus, k) for k in (10, 12, 14, 15, 17, 23, 24, 25, 26)}
-    w = tr.mouth_w * (1 + 0.35 * a[12] - 0.4 * a[23] - 0.1 * a[24] - 0.25 * a[14]
+    w = tr.mouth_w * (1 + 0.35 * a[12] - 0.5 * a[23] - 0.1 * a[24] - 0.25 * a[14]
                       - 0.08 * a[26])
     lift = tr.mouth_rest + 0.13 * a[12] - 0.22 * a[15] + 0.01 * a[14]  # + = corners up
     ut = max(0.006, tr.lip_u * (1 - 0.75 * a[23] - 0.8 * a[24]) * (1 - 0.25 * a[12]))
     lt = max(0.006, tr.lip_l * (1 - 0.75 * a[23] - 0.8 * a[24]) * (1 - 0.2 * a[12])
              + 0.012 * a[17])
-    raise_u = 0.1 * a[10]                        # AU10 lifts the upper lip, baring teeth
+    raise_u = 0.13 * a[10]                       # AU10 lifts the upper lip, baring teeth
     gap = 0.05 * a[25] + 0.06 * a[26]             # AU25 parts the lips, AU26 drops the jaw
     x = np.linspace(-w, w, 17)
     q = (x / w) ** 2
@@ -651,15 +651,15 @@ def _draw_mouth(c: _Canvas, tr: FaceTraits, aus: Mapping[int, float], jaw_drop: 
         col = _shadow(tr.skin, 1.0 * a[14])
         for s in (-1, 1):
             t = np.linspace(-1, 1, 5)
-            c.line(s * (w + 0.05 - 0.025 * (1 - t ** 2)), junction[0] + 0.09 * t, col, 0.06)
+            c.line(s * (w + 0.05 - 0.025 * (1 - t ** 2)), junction[0] + 0.1 * t, col, 0.075)
     if a[23] > 0:  # tightened lips: pale, tense ridges along the thinned lips
-        col = _mix(tr.skin, (255, 255, 255), 0.85 * a[23])
-        c.line(x * 0.85, upper_out - 0.02, col, 0.036)
-        c.line(x * 0.85, lower_out + 0.02, col, 0.036)
+        col = _mix(tr.skin, (255, 255, 255), 1.0 * a[23])
+        c.line(x * 0.85, upper_out - 0.022, col, 0.05)
+        c.line(x * 0.85, lower_out + 0.022, col, 0.05)
     if a[24] > 0:
         col = _shadow(tr.skin, 1.0 * a[24])
-        c.line(x * 0.8, upper_out - 0.027 - 0.006 * (1 - q), col, 0.036)
-        c.line(x * 0.8, lower_out + 0.027 + 0.006 * (1 - q), col, 0.036)
+        c.line(x * 0.8, upper_out - 0.03 - 0.006 * (1 - q), col, 0.05)
+        c.line(x * 0.8, lower_out + 0.03 + 0.006 * (1 - q), col, 0.05)
     opening = gap + raise_u + jaw_drop
     if opening > 0:
         c.poly(np.concatenate([x, x[::-1]]), np.concatenate([upper_in, lower_in[::-1]]),
@@ -1422,7 +1422,7 @@ FER_DISTRACTOR_AUS: tuple[int, ...] = (14, 24, 25)
 FER_DISTRACTOR_P = 0.15
 FER_LABELS = "labels.csv"  # key,image,subject,split,label,expression,aus
 _S_FER_SUBJECT, _S_FER_FRAME = 20, 21
-FER_GENERATOR_VERSION = 1
+FER_GENERATOR_VERSION = 2
 
 
 def expression_of(aus: Mapping[int, float]) -> str:
