@@ -4,8 +4,8 @@ Runs the real stages in-process (synthetic data -> shards -> MAE pretraining -> 
 FMAE-IAT finetuning on one fold -> both identity probes) with one seed, then checks the
 directions a change that breaks the method would flip:
 
-- AU detection transfers to held-out subjects (AUC above chance: 0.6 at this scale, 0.84 at the
-  default's) for both variants;
+- AU detection transfers to held-out subjects (AUC above chance: 0.6 at this scale,
+  0.76-0.85 at the default's) for both variants;
 - IAT's reversed gradient acts: the adversarial ID head ends far from identifying anyone
   (its training ID loss stays above what the same head reaches without reversal, lambda 0);
 - the converged probe converges (training accuracy at or above ``underfit_below``) and
