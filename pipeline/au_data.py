@@ -801,15 +801,17 @@ def load_index(au_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def label_stats(index: pd.DataFrame, aus: Iterable[int]) -> dict:
-    """Unknown-label rate over all labels and positive rate per AU over known labels."""
+def label_stats(index: pd.DataFrame, aus: Iterable[int], *,
+                unknown_as_negative: bool = False) -> dict:
+    """Unknown-label rate over all labels and positive rate per AU over known labels (or,
+    with ``unknown_as_negative``, over all labels, not-coded ones counted as absent)."""
     cols = [f"AU{a}" for a in aus]
     lab = index[cols].to_numpy(dtype=np.int8) if len(index) else np.zeros((0, len(cols)),
                                                                            np.int8)
     known = lab >= 0
     pos = {}
     for j, c in enumerate(cols):
-        n = int(known[:, j].sum())
+        n = len(lab) if unknown_as_negative else int(known[:, j].sum())
         pos[c] = float((lab[:, j] == 1).sum() / n) if n else None  # None: never coded
     return {"unknown_rate": float((~known).mean()) if lab.size else 0.0, "positive_rate": pos}
 

@@ -89,12 +89,11 @@ def train_base_rates(au_dir: Path, subjects: list[str], aus: list[int], *,
     """(A,) positive rate of each AU over the training subjects' labels, as the loss sees
     them: not-coded labels left out (mask) or counted as absent (negative); ``None`` for an
     AU never coded in training."""
-    from pipeline.au_data import load_index
+    from pipeline.au_data import label_stats, load_index
     index = load_index(au_dir)
-    lab = index.loc[index["subject"].isin(subjects), [f"AU{a}" for a in aus]].to_numpy(np.int8)
-    pos = (lab == 1).sum(0)
-    n = np.full(len(aus), len(lab)) if unknown_as_negative else (lab >= 0).sum(0)
-    return [float(p / k) if k else None for p, k in zip(pos, n)]
+    rates = label_stats(index[index["subject"].isin(subjects)], aus,
+                        unknown_as_negative=unknown_as_negative)["positive_rate"]
+    return [rates[f"AU{a}"] for a in aus]
 
 
 def read_au_meta(au_dir: Path, dataset: str, fold: int) -> dict:
