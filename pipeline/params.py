@@ -210,7 +210,7 @@ class AugmentParams:
     scale_min: float = F(0.6, 0.0, 1.0, lo_open=True)
     hflip: float = F(0.5, 0.0, 1.0)
     rand_augment: str = F("", doc="timm RandAugment spec, '' = off (paper: rand-m9-mstd0.5-inc1)")
-    reprob: float = F(0.1, 0.0, 1.0, doc="RandomErasing probability")
+    reprob: float = F(0.0, 0.0, 1.0, doc="RandomErasing probability (paper: 0.25)")
 
 
 @dataclass(frozen=True)
@@ -225,18 +225,18 @@ class FinetuneParams:
     min_lr: float = F(1e-6, 0.0, 1.0)
     weight_decay: float = F(0.05, 0.0, 1.0)
     layer_decay: float = F(0.75, 0.0, 1.0, lo_open=True)
-    drop_path: float = F(0.1, 0.0, 1.0, hi_open=True)
+    drop_path: float = F(0.0, 0.0, 1.0, hi_open=True, doc="stochastic depth (paper: 0.1)")
     id_head_depth: int = F(1, 1, 3, doc="1 = linear ID head (paper), 2/3 = MLP (Table 7)")
     id_loss: str = F("bce", choices=("bce", "ce"),
                      doc="ID loss: one-hot BCE (authors' code) or cross-entropy (paper text)")
     id_classes: str = F("dataset", choices=("dataset", "train"),
                         doc="ID classes: every subject of the dataset (reference) or the "
                             "fold's training subjects")
-    id_head_init: str = F("prior", choices=("default", "small", "prior"),
+    id_head_init: str = F("default", choices=("default", "small", "prior"),
                           doc="ID head init: nn.Linear default (reference), trunc-normal 2e-5, "
                               "or default weights with the output bias at the class prior "
-                              "(CPU default: where the reference's head is after its long "
-                              "schedule; configs/paper.yaml uses default)")
+                              "(where the reference's head gets after its long schedule, "
+                              "which ~1000 CPU steps never reach)")
     au_head_init: str = F("prior", choices=("default", "prior"),
                           doc="AU head output bias: nn.Linear default (reference) or each AU's "
                               "training base rate (CPU default: the reference's head learns "

@@ -145,6 +145,14 @@ def test_paper_profile_keeps_the_paper_finetuning_recipe():
     assert (probe.epochs, probe.warmup_epochs, probe.train_fraction) == (20, 2, 0.7)
 
 
+def test_cpu_default_uses_the_reference_identity_branch():
+    # issue 8: the built-in default's IAT is the authors' (loss, classes, head init); only
+    # the AU head's bias and the training recipe are scaled for ~1000 CPU steps
+    f = load_params(ROOT / "params.yaml").finetune
+    assert (f.id_loss, f.id_classes, f.id_head_init, f.id_head_depth) == (
+        "bce", "dataset", "default", 1)
+
+
 @pytest.mark.parametrize("section, key, value", [
     (None, "lambda", float("nan")),
     ("finetune", "blr", float("nan")),
