@@ -5,7 +5,7 @@ FMAE-IAT finetuning on one fold -> both identity probes) with one seed, then che
 directions a change that breaks the method would flip:
 
 - AU detection transfers to held-out subjects (AUC above chance: 0.6 at this scale,
-  0.76-0.85 at the default's) for both variants;
+  0.71-0.72 for FMAE-IAT and 0.86-0.90 for FMAE at the default's) for both variants;
 - IAT's reversed gradient acts: the adversarial ID head ends far from identifying anyone
   (its training ID loss stays above what the same head reaches without reversal, lambda 0);
 - the converged probe converges (training accuracy at or above ``underfit_below``) and
@@ -94,7 +94,7 @@ def test_aus_transfer_to_held_out_subjects(run):
 def test_reversed_gradient_keeps_the_adversary_from_identifying(run):
     iat, free = run["metrics"]["finetune/iat"], run["metrics"]["lambda0"]
     assert iat["lambda"] == 2.0 and free["lambda"] == 0.0
-    assert iat["id_loss"] == "bce" and iat["id_classes"] == "dataset"
+    assert (iat["id_loss"], iat["id_classes"], iat["id_head_init"]) == ("bce", "dataset", "default")
     # lambda 0: the ID head learns identity from features nobody hides it in
     assert iat["final_id_loss"] > 1.5 * free["final_id_loss"], (iat["final_id_loss"],
                                                                free["final_id_loss"])
