@@ -248,10 +248,10 @@ def test_end_to_end_iat_with_validation(tmp_path):
                  fold=2, variant="iat", lambda_=1.0, model_size="tiny", patch_size=8, seed=0)
     _, hist = _check_outputs(out, "iat", 2, n_test=2 * FRAMES, with_val=True)
     assert m["lambda"] == 1.0 and m["id_head_depth"] == 2
-    # The reference's identity branch: one-hot BCE over every subject of the dataset (the
-    # CPU default starts the ID head's bias at the class prior).
+    # The reference's identity branch: one-hot BCE over every subject of the dataset, the
+    # ID head at nn.Linear's init.
     assert (m["id_loss"], m["id_classes"], m["id_head_init"], m["n_id_classes"]) == \
-        ("bce", "dataset", "prior", len(SUBJECTS))
+        ("bce", "dataset", "default", len(SUBJECTS))
     assert m["final_id_loss"] == pytest.approx(hist["id_loss"].iloc[-1])
     assert 0 < m["final_id_loss"] < math.log(2) + 0.2  # per-element BCE starts near ln 2
     assert hist["id_acc"].between(0, 1).all()
